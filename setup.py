@@ -1,0 +1,46 @@
+"""Build the native parts of arv-wrap next to the Python package.
+
+Three artifacts come out of csrc/:
+  arvwrap/_native/libarvwrap.so    the LD_PRELOAD shim (only the exec hooks exported)
+  arvwrap/_native/arv-wrap-client  the tiny program the shim execs for a matched call
+  arvwrap/_match.*.so              the same C matcher for Python, through cffi
+"""
+import os
+import shlex
+import subprocess
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", "-D_GNU_SOURCE"]
+
+
+def compile_native(out_dir):
+    """Compile the shim and the client into out_dir with the system C compiler."""
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    os.makedirs(out_dir, exist_ok=True)
+    shim = os.path.join(out_dir, "libarvwrap.so")
+    client = os.path.join(out_dir, "arv-wrap-client")
+    src = lambda *names: [os.path.join(CSRC, n) for n in names]
+    subprocess.check_call(cc + CFLAGS + ["-fPIC", "-shared", "-o", shim]
+                          + src("shim.c", "match.c") + ["-ldl"])
+    subprocess.check_call(cc + CFLAGS + ["-o", client] + src("client.c"))
+
+
+class BuildNative(build_ext):
+    def run(self):
+        super().run()  # the cffi extension
+        if self.inplace:
+            out = os.path.join(HERE, "src", "arvwrap", "_native")
+        else:
+            out = os.path.join(self.build_lib, "arvwrap", "_native")
+        compile_native(out)
+
+
+setup(
+    cffi_modules=["csrc/build_match.py:ffibuilder"],
+    cmdclass={"build_ext": BuildNative},
+    package_data={"arvwrap": ["_native/*"]},
+)

@@ -1,0 +1,3 @@
+from arvwrap.cli import main
+
+raise SystemExit(main())

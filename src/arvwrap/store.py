@@ -1,0 +1,127 @@
+"""Job records: one SQLite database per state dir.
+
+SQLite in WAL mode gives atomic commits, so a process killed at any moment leaves
+either the old record or the new one, never a torn one. The database and its
+WAL files are created 0600 inside a 0700 state dir. Nothing from a job's
+environment is ever stored (secrets live there).
+"""
+import datetime
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+
+from arvwrap import paths
+
+STATES = ("queued", "running", "exited", "signaled", "cancelled", "failed")
+FINAL_STATES = ("exited", "signaled", "cancelled", "failed")
+
+COLUMNS = {
+    "id": "TEXT PRIMARY KEY",
+    "run": "TEXT",
+    "parent": "TEXT",
+    "kind": "TEXT",          # 'run' for a top-level record, 'job' for a redirected call
+    "argv": "TEXT",          # JSON list of str (surrogateescape'd bytes)
+    "cwd": "TEXT",
+    "backend": "TEXT",
+    "backend_id": "TEXT",
+    "state": "TEXT",
+    "exit_status": "INTEGER",
+    "signal": "INTEGER",
+    "created": "TEXT",
+    "started": "TEXT",
+    "ended": "TEXT",
+    "cpus": "REAL",
+    "memory": "INTEGER",
+    "time_limit": "INTEGER",
+    "reason": "TEXT",
+    "rule": "TEXT",
+    "host": "TEXT",
+}
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id():
+    """A ULID: 48-bit millisecond time + 80 random bits, sortable and unique across machines."""
+    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def now():
+    """ISO 8601 UTC with milliseconds."""
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def text(raw):
+    """bytes -> str the way Python names undecodable bytes (surrogateescape)."""
+    return os.fsdecode(raw) if isinstance(raw, bytes) else raw
+
+
+class Store:
+    """Thread-safe access to the records of one state dir."""
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(paths.private_dir(state_dir), "jobs.sqlite")
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run)")
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def insert(self, record):
+        record = dict(record)
+        record.setdefault("created", now())
+        record.setdefault("host", socket.gethostname())
+        record["argv"] = json.dumps([text(a) for a in record.get("argv", [])])
+        if "cwd" in record:
+            record["cwd"] = text(record["cwd"])
+        names = [name for name in record if name in COLUMNS]
+        sql = (f"INSERT INTO jobs ({', '.join(names)}) "
+               f"VALUES ({', '.join('?' for _ in names)})")
+        with self._lock:
+            self._db.execute(sql, [record[name] for name in names])
+
+    def update(self, job_id, **fields):
+        unknown = set(fields) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown record fields: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                             [*fields.values(), job_id])
+
+    def get(self, job_id):
+        rows = self.query("WHERE id = ?", [job_id])
+        return rows[0] if rows else None
+
+    def list(self, run=None):
+        """Records, newest first; with run, only that run's."""
+        if run:
+            return self.query("WHERE run = ? ORDER BY id DESC", [run])
+        return self.query("ORDER BY id DESC", [])
+
+    def query(self, where, params):
+        with self._lock:
+            cursor = self._db.execute(f"SELECT * FROM jobs {where}", params)
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        records = []
+        for row in rows:
+            record = dict(zip(names, row))
+            record["argv"] = json.loads(record["argv"] or "[]")
+            records.append(record)
+        return records
