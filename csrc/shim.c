@@ -1,0 +1,870 @@
+/* libarvwrap.so: the LD_PRELOAD shim of arv-wrap.
+ *
+ * It hooks every exec entry point of glibc (which reach the kernel through
+ * internal calls, so each needs its own hook) and, for an exec whose program
+ * matches ARV_WRAP_RULES, execs arv-wrap-client instead (docs/internals.md, 3):
+ *     <dir of ARV_WRAP_SHIM>/arv-wrap-client --shim <rule> <abs path> <argv...>
+ *
+ * Guarantees, and why:
+ *  - vfork safety.  Hooks run in vfork children (CPython's subprocess, glibc's
+ *    posix_spawn, shells): no malloc, no locks, no stdio, no waiting; stack
+ *    buffers and raw syscalls only.
+ *  - No dlsym in the exec paths (it takes locks and may allocate): the real
+ *    execve/execveat are raw syscalls and PATH search is done here, mirroring
+ *    glibc 2.36's execvpe so errno on failure is glibc's.  Only posix_spawn*,
+ *    which run in the parent, look the real function up (once, lazily).
+ *  - Transparency.  errno is restored before every pass-through; a call is
+ *    redirected only when its program resolves to an executable regular file,
+ *    otherwise the real exec runs and fails exactly as without arv-wrap.
+ *  - Env repair.  Programs that rebuild the environment (`env -i`, runners
+ *    passing only PATH) would drop the interception: every hooked exec (passed
+ *    through or redirected) puts the shim back into LD_PRELOAD (other preload
+ *    entries kept) and re-adds the ARV_WRAP_* entries this process started with.
+ *  - ARV_WRAP_DISABLE=1 in the process's environment at load, or in an exec's
+ *    envp, passes that exec through untouched (no repair).  Without
+ *    ARV_WRAP_RULES or ARV_WRAP_SHIM, everything passes through untouched.
+ *  - Cheap load: the constructor only scans environ once.
+ *  - Only the hooks are exported (-fvisibility=hidden elsewhere).
+ *
+ * Requirements and the tests that prove them (tests/test_shim.py):
+ *  - each exec variant redirects with exact argv ........ test_redirect_exact_argv
+ *  - unmatched calls run the real program, same argv ..... test_passthrough_exact_argv
+ *  - same errno with and without the shim ................ test_errno_unchanged, test_errno_path_search,
+ *                                                          test_errno_execveat_flags
+ *  - fexecve/execveat name the program by fd or dirfd .... test_execveat_by_descriptor_and_dirfd
+ *  - ENOEXEC scripts run through /bin/sh as glibc does .... test_noexec_script_like_glibc
+ *  - ARV_WRAP_DISABLE=1 in environ / in envp ............. test_disable_in_environment, test_disable_in_envp
+ *  - env repair (env -i, PATH-only runners) .............. test_env_repair_*
+ *  - a second preload library is kept .................... test_second_preload_*
+ *  - shells, Python (vfork, posix_spawn), make, xargs ... test_callers_*
+ *  - non-whitelisted programs untouched .................. test_not_whitelisted_untouched
+ *  - name and path rules, precedence, symlinks ........... test_rules_*
+ *  - `when` conditions (s=, x=) .......................... test_conditions
+ *  - client failing to start: warning, then real exec .... test_client_missing_falls_back,
+ *                                                          test_spawn_failing_file_action_no_warning
+ *  - relative paths and PATH resolution .................. test_relative_and_path_resolution
+ *  - the client's argv, env and spawn file actions ....... test_fake_client_sees_protocol_and_repaired_env,
+ *                                                          test_spawn_file_actions_kept
+ *  - malformed or missing rules/shim vars: pass through .. test_malformed_rules_pass_through,
+ *                                                          test_no_rules_or_no_shim_var_passes_through
+ *  - only the hooks exported ............................. test_exports_only_hooks
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <spawn.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "match.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+extern char **environ;
+
+#define MAX_KEEP 32             /* ARV_WRAP_* entries re-added by env repair */
+#define ENV_MAX 4096            /* larger envps are passed on without repair (stack) */
+#define PRELOAD_MAX 4096        /* so is an LD_PRELOAD value longer than this */
+#define ARENA_SIZE 65536
+
+/* What the constructor found in this process's environment. */
+static struct {
+    int active;                 /* 0: every call passes through untouched */
+    const char *rules;          /* value of ARV_WRAP_RULES */
+    const char *shim;           /* value of ARV_WRAP_SHIM */
+    size_t shim_len;
+    char client[PATH_MAX];      /* dirname(shim) + "/arv-wrap-client" */
+    const char *keep[MAX_KEEP]; /* "ARV_WRAP_*=..." entries */
+    int nkeep;
+} g;
+
+/* Copies of the ARV_WRAP_* entries: a process may overwrite its original
+ * environment area (setproctitle does), so keep our own. */
+static char arena[ARENA_SIZE];
+static size_t arena_used;
+
+/* ------------------------------------------------------------------ */
+/* small vfork-safe helpers (string functions and syscalls only)       */
+
+static int starts_with(const char *s, const char *prefix)
+{
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* Length of an environment entry's name (up to '=' or the end). */
+static size_t name_len(const char *entry)
+{
+    const char *eq = strchr(entry, '=');
+    return eq ? (size_t)(eq - entry) : strlen(entry);
+}
+
+/* Value of NAME in env (first entry wins, as getenv), or NULL. */
+static const char *env_value(char *const *env, const char *name)
+{
+    size_t n = strlen(name);
+    for (; env && *env; env++)
+        if (strncmp(*env, name, n) == 0 && (*env)[n] == '=')
+            return *env + n + 1;
+    return NULL;
+}
+
+static const char *base_name(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+/* Decimal text of n (>= 0), written at the end of buf; returns where it starts. */
+static char *decimal(char *buf, size_t size, long n)
+{
+    char *p = buf + size;
+    *--p = '\0';
+    do {
+        *--p = (char)('0' + n % 10);
+        n /= 10;
+    } while (n && p > buf);
+    return p;
+}
+
+/* Append s to buf[*len], bounded by size; returns -1 when it does not fit. */
+static int append(char *buf, size_t size, size_t *len, const char *s, size_t n)
+{
+    if (*len + n >= size)
+        return -1;
+    memcpy(buf + *len, s, n);
+    *len += n;
+    buf[*len] = '\0';
+    return 0;
+}
+
+static long sys_execve(const char *path, char *const argv[], char *const envp[])
+{
+    return syscall(SYS_execve, path, argv, envp);
+}
+
+/* ------------------------------------------------------------------ */
+/* constructor                                                          */
+
+static const char *remember(const char *entry)
+{
+    size_t n = strlen(entry) + 1;
+    if (arena_used + n > sizeof arena)
+        return entry;
+    char *copy = memcpy(arena + arena_used, entry, n);
+    arena_used += n;
+    return copy;
+}
+
+__attribute__((constructor)) static void arvwrap_init(void)
+{
+    const char *slash;
+
+    for (char **e = environ; e && *e; e++) {
+        if (!starts_with(*e, "ARV_WRAP_"))
+            continue;
+        if (strcmp(*e, "ARV_WRAP_DISABLE=1") == 0)
+            return;
+        if (g.nkeep == MAX_KEEP)
+            continue;
+        const char *kept = g.keep[g.nkeep++] = remember(*e);
+        if (starts_with(kept, "ARV_WRAP_RULES="))
+            g.rules = kept + strlen("ARV_WRAP_RULES=");
+        else if (starts_with(kept, "ARV_WRAP_SHIM="))
+            g.shim = kept + strlen("ARV_WRAP_SHIM=");
+    }
+    if (!g.rules || !g.shim || g.shim[0] != '/')
+        return;
+    g.shim_len = strlen(g.shim);
+    slash = strrchr(g.shim, '/');
+    size_t dir = (size_t)(slash - g.shim), len = 0;
+    if (append(g.client, sizeof g.client, &len, g.shim, dir) < 0 ||
+        append(g.client, sizeof g.client, &len, "/arv-wrap-client", 16) < 0)
+        return;
+    g.active = 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* one exec call, whatever the entry point                              */
+
+struct call {
+    const char *file;           /* path, or name to search in PATH, as given */
+    char *const *argv;
+    char *const *envp;
+    int dirfd, flags;           /* fexecve, execveat */
+    int spawn;                  /* posix_spawn*: real() returns, with an error number */
+    pid_t *pid;
+    const posix_spawn_file_actions_t *actions;
+    const posix_spawnattr_t *attr;
+};
+
+/* The real call with envp: returns what the hooked function returns. */
+typedef int (*real_fn)(const struct call *c, char *const envp[]);
+/* The absolute path the call would run into buf: 0, or -1 if none. */
+typedef int (*resolve_fn)(const struct call *c, char *buf, size_t size);
+/* Start prog instead of the call's program: 0 on success, else an errno value. */
+typedef int (*launch_fn)(const struct call *c, const char *prog, char *const argv[],
+                         char *const envp[]);
+
+/* ------------------------------------------------------------------ */
+/* real functions: glibc 2.36's behaviour, without calling into its exec */
+
+/* glibc runs a file the kernel refused with ENOEXEC as a /bin/sh script. */
+static void exec_script(const char *file, char *const argv[], char *const envp[])
+{
+    ptrdiff_t argc = 0;
+    while (argv[argc]) {
+        if (argc++ == INT_MAX - 1) {
+            errno = E2BIG;
+            return;
+        }
+    }
+    char *sh_argv[argc > 1 ? argc + 2 : 3];
+    sh_argv[0] = (char *)"/bin/sh";
+    sh_argv[1] = (char *)file;
+    if (argc > 1)
+        memcpy(sh_argv + 2, argv + 1, (size_t)argc * sizeof *argv);  /* with the NULL */
+    else
+        sh_argv[2] = NULL;
+    sys_execve(sh_argv[0], sh_argv, envp);
+}
+
+/* glibc's __execvpe_common with exec_script = true, PATH from our environ. */
+static int search_and_exec(const char *file, char *const argv[], char *const envp[])
+{
+    if (*file == '\0') {
+        errno = ENOENT;
+        return -1;
+    }
+    if (strchr(file, '/')) {
+        sys_execve(file, argv, envp);
+        if (errno == ENOEXEC)
+            exec_script(file, argv, envp);
+        return -1;
+    }
+    const char *path = env_value(environ, "PATH");
+    if (!path)
+        path = "/bin:/usr/bin";
+    size_t file_len = strnlen(file, NAME_MAX) + 1;
+    size_t path_len = strnlen(path, PATH_MAX - 1) + 1;
+    if (file_len - 1 > NAME_MAX) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int got_eacces = 0;
+    char buffer[path_len + file_len + 1];
+    for (const char *p = path, *end;; p = end) {
+        end = strchrnul(p, ':');
+        if ((size_t)(end - p) >= path_len) {    /* longer than the buffer */
+            if (*end == '\0')
+                break;
+            continue;
+        }
+        /* "dir/file", or just "file" for an empty element (the cwd) */
+        memcpy(buffer, p, (size_t)(end - p));
+        char *pend = buffer + (end - p);
+        *pend = '/';
+        memcpy(pend + (p < end), file, file_len);
+
+        sys_execve(buffer, argv, envp);
+        if (errno == ENOEXEC)
+            exec_script(buffer, argv, envp);
+        switch (errno) {
+        case EACCES:
+            got_eacces = 1;
+            /* fall through */
+        case ENOENT:
+        case ESTALE:
+        case ENOTDIR:
+        case ENODEV:
+        case ETIMEDOUT:
+            break;              /* not here: try the next directory */
+        default:
+            return -1;          /* found, but it failed: that is the answer */
+        }
+        if (*end++ == '\0')
+            break;
+    }
+    if (got_eacces)
+        errno = EACCES;
+    return -1;
+}
+
+static int real_execve(const struct call *c, char *const envp[])
+{
+    return (int)sys_execve(c->file, c->argv, envp);
+}
+
+static int real_execvpe(const struct call *c, char *const envp[])
+{
+    return search_and_exec(c->file, c->argv, envp);
+}
+
+static int real_execveat(const struct call *c, char *const envp[])
+{
+    return (int)syscall(SYS_execveat, c->dirfd, c->file, c->argv, envp, c->flags);
+}
+
+/* "/proc/self/fd/<fd>" into buf. */
+static const char *fd_path(char buf[32], int fd)
+{
+    char num[16];
+    size_t len = 0;
+    append(buf, 32, &len, "/proc/self/fd/", 14);
+    const char *d = decimal(num, sizeof num, fd);
+    append(buf, 32, &len, d, strlen(d));
+    return buf;
+}
+
+/* glibc's fexecve: execveat on the descriptor; /proc/self/fd only without execveat. */
+static int real_fexecve(const struct call *c, char *const envp[])
+{
+    char buf[32];
+    struct stat st;
+
+    if (c->dirfd < 0 || !c->argv || !envp) {
+        errno = EINVAL;
+        return -1;
+    }
+    syscall(SYS_execveat, c->dirfd, "", c->argv, envp, AT_EMPTY_PATH);
+    if (errno != ENOSYS)
+        return -1;
+    sys_execve(fd_path(buf, c->dirfd), c->argv, envp);
+    int save = errno;
+    if (stat("/proc/self/fd", &st) != 0 && errno == ENOENT)
+        save = ENOSYS;
+    errno = save;
+    return -1;
+}
+
+typedef int (*spawn_fn)(pid_t *, const char *, const posix_spawn_file_actions_t *,
+                        const posix_spawnattr_t *, char *const[], char *const[]);
+
+/* The next posix_spawn or posix_spawnp.  These hooks run in the parent, where
+ * dlsym is safe; racing threads store the same value. */
+static spawn_fn next_spawn(int search)
+{
+    static spawn_fn cache[2];
+    spawn_fn f = __atomic_load_n(&cache[search], __ATOMIC_ACQUIRE);
+    if (!f) {
+        f = (spawn_fn)dlsym(RTLD_NEXT, search ? "posix_spawnp" : "posix_spawn");
+        __atomic_store_n(&cache[search], f, __ATOMIC_RELEASE);
+    }
+    return f;
+}
+
+static int spawn_with(int search, const struct call *c, const char *prog,
+                      char *const argv[], char *const envp[])
+{
+    spawn_fn f = next_spawn(search);
+    return f ? f(c->pid, prog, c->actions, c->attr, argv, envp) : ENOSYS;
+}
+
+static int real_spawn(const struct call *c, char *const envp[])
+{
+    return spawn_with(0, c, c->file, c->argv, envp);
+}
+
+static int real_spawnp(const struct call *c, char *const envp[])
+{
+    return spawn_with(1, c, c->file, c->argv, envp);
+}
+
+/* ------------------------------------------------------------------ */
+/* launching the client                                                 */
+
+static int launch_exec(const struct call *c, const char *prog, char *const argv[],
+                       char *const envp[])
+{
+    (void)c;
+    sys_execve(prog, argv, envp);
+    return errno;
+}
+
+static int launch_spawn(const struct call *c, const char *prog, char *const argv[],
+                        char *const envp[])
+{
+    return spawn_with(0, c, prog, argv, envp);
+}
+
+/* ------------------------------------------------------------------ */
+/* resolving the program to an absolute path (symlinks not followed)    */
+
+/* dir (absolute) + "/" + rel into buf, dropping "." and empty components. */
+static int join(char *buf, size_t size, const char *dir, const char *rel)
+{
+    size_t len = 0;
+
+    if (append(buf, size, &len, dir, strlen(dir)) < 0)
+        return -1;
+    while (len > 1 && buf[len - 1] == '/')
+        buf[--len] = '\0';
+    for (const char *p = rel, *end; *p; p = end) {
+        end = strchrnul(p, '/');
+        size_t n = (size_t)(end - p);
+        if (*end)
+            end++;
+        if (n == 0 || (n == 1 && p[0] == '.'))
+            continue;
+        if ((len > 1 || buf[0] != '/') && append(buf, size, &len, "/", 1) < 0)
+            return -1;
+        if (append(buf, size, &len, p, n) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Does path have to name a directory ("x/", "x/.", "..")?  join() would
+ * hide that from the check that decides whether to redirect. */
+static int names_dir(const char *path)
+{
+    const char *last = base_name(path);
+    return last[0] == '\0' || strcmp(last, ".") == 0 || strcmp(last, "..") == 0;
+}
+
+static int absolute(const char *path, char *buf, size_t size)
+{
+    char cwd[PATH_MAX];
+
+    if (names_dir(path))
+        return -1;
+    if (path[0] == '/')
+        return join(buf, size, "/", path);
+    /* raw getcwd: glibc's falls back to opendir/malloc for long paths */
+    if (syscall(SYS_getcwd, cwd, sizeof cwd) < 0 || cwd[0] != '/')
+        return -1;
+    return join(buf, size, cwd, path);
+}
+
+static int executable_file(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, X_OK) == 0;
+}
+
+static int resolve_path(const struct call *c, char *buf, size_t size)
+{
+    return absolute(c->file, buf, size);
+}
+
+/* "dir/file" into buf ("file" alone for an empty dir, i.e. the cwd): 0, or -1 if too long. */
+static int dir_file(char *buf, size_t size, const char *dir, size_t dir_len, const char *file)
+{
+    size_t len = 0;
+
+    buf[0] = '\0';
+    if (dir_len && (append(buf, size, &len, dir, dir_len) < 0 ||
+                    append(buf, size, &len, "/", 1) < 0))
+        return -1;
+    return append(buf, size, &len, file, strlen(file));
+}
+
+/* PATH search as execvp does it: the first executable regular file. */
+static int resolve_search(const struct call *c, char *buf, size_t size)
+{
+    const char *path;
+    char cand[PATH_MAX];
+
+    if (strchr(c->file, '/'))
+        return absolute(c->file, buf, size);
+    if (c->file[0] == '\0')
+        return -1;
+    path = env_value(environ, "PATH");
+    if (!path)
+        path = "/bin:/usr/bin";
+    for (const char *p = path, *end;; p = end + 1) {
+        end = strchrnul(p, ':');
+        if (dir_file(cand, sizeof cand, p, (size_t)(end - p), c->file) == 0 &&
+            executable_file(cand))
+            return absolute(cand, buf, size);
+        if (*end == '\0')
+            return -1;
+    }
+}
+
+/* The file behind a descriptor, as the kernel names it. */
+static int fd_target(int fd, char *buf, size_t size)
+{
+    char link[32];
+    if (fd < 0)
+        return -1;
+    ssize_t n = readlink(fd_path(link, fd), buf, size - 1);
+    if (n <= 0 || buf[0] != '/')
+        return -1;
+    buf[n] = '\0';
+    return 0;
+}
+
+static int resolve_fd(const struct call *c, char *buf, size_t size)
+{
+    return fd_target(c->dirfd, buf, size);
+}
+
+static int resolve_at(const struct call *c, char *buf, size_t size)
+{
+    char dir[PATH_MAX];
+    struct stat st;
+
+    if (c->flags & ~(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+        return -1;              /* the kernel will refuse it (EINVAL) */
+    if (c->file[0] == '\0')
+        return (c->flags & AT_EMPTY_PATH) ? fd_target(c->dirfd, buf, size) : -1;
+    if ((c->flags & AT_SYMLINK_NOFOLLOW) &&
+        (fstatat(c->dirfd, c->file, &st, AT_SYMLINK_NOFOLLOW) != 0 || S_ISLNK(st.st_mode)))
+        return -1;              /* the kernel will refuse it (ELOOP) */
+    if (c->file[0] == '/' || c->dirfd == AT_FDCWD)
+        return absolute(c->file, buf, size);
+    if (names_dir(c->file) || fd_target(c->dirfd, dir, sizeof dir) < 0)
+        return -1;
+    return join(buf, size, dir, c->file);
+}
+
+/* ------------------------------------------------------------------ */
+/* the decision                                                         */
+
+/* Rule index to redirect with (abs filled in), or -1 to pass through. */
+static int decide(const struct call *c, resolve_fn resolve, char *abs, size_t size)
+{
+    const char *name = base_name(c->file);
+    int rule;
+
+    if (*name == '\0' || aw_has_path_rules(g.rules)) {
+        if (resolve(c, abs, size) < 0)
+            return -1;
+        if (*name == '\0')
+            name = base_name(abs);  /* fexecve, execveat with AT_EMPTY_PATH */
+        rule = aw_match(g.rules, name, abs, c->argv);
+    } else {
+        rule = aw_match(g.rules, name, NULL, c->argv);
+        if (rule >= 0 && resolve(c, abs, size) < 0)
+            return -1;
+    }
+    if (rule < 0 || !executable_file(abs))
+        return -1;
+    return rule;
+}
+
+/* One line on stderr, with write() only (strerrordesc_np needs no locale). */
+static void warn_client(int err)
+{
+    char line[PATH_MAX + 128];
+    size_t len = 0;
+    const char *desc = strerrordesc_np(err);
+    char num[16];
+
+    if (!desc)
+        desc = decimal(num, sizeof num, err);
+    append(line, sizeof line, &len, "arv-wrap: cannot run ", 21);
+    append(line, sizeof line, &len, g.client, strlen(g.client));
+    append(line, sizeof line, &len, ": ", 2);
+    append(line, sizeof line, &len, desc, strlen(desc));
+    append(line, sizeof line, &len, "\n", 1);
+    ssize_t ignored = write(2, line, len);
+    (void)ignored;
+}
+
+/* Start the client for rule with [client, --shim, rule, abs, argv...]. */
+static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
+                    char *const envp[])
+{
+    char num[16];
+    size_t argc = 0;
+
+    while (c->argv[argc])
+        argc++;
+    char *argv[argc + 5];
+    argv[0] = g.client;
+    argv[1] = (char *)"--shim";
+    argv[2] = decimal(num, sizeof num, rule);
+    argv[3] = abs;
+    memcpy(argv + 4, c->argv, (argc + 1) * sizeof *argv);
+    return launch(c, g.client, argv, envp);
+}
+
+/* ------------------------------------------------------------------ */
+/* env repair                                                           */
+
+struct envscan {
+    size_t n;                   /* entries */
+    int disabled;               /* ARV_WRAP_DISABLE=1 present */
+    char *const *preload;       /* the first LD_PRELOAD entry, or NULL */
+    int has_shim;               /* ... and it lists the shim */
+    uint32_t missing;           /* bit k: the name of g.keep[k] is absent */
+};
+
+/* Does the LD_PRELOAD value list the shim?  ld.so splits it on ':' and ' '. */
+static int lists_shim(const char *value)
+{
+    for (const char *p = value; *p;) {
+        size_t n = strcspn(p, ": ");
+        if (n == g.shim_len && memcmp(p, g.shim, n) == 0)
+            return 1;
+        p += n;
+        if (*p)
+            p++;
+    }
+    return 0;
+}
+
+static void scan_env(char *const *envp, struct envscan *s)
+{
+    s->n = 0;
+    s->disabled = 0;
+    s->preload = NULL;
+    s->has_shim = 0;
+    s->missing = g.nkeep ? (uint32_t)((1ull << g.nkeep) - 1) : 0;
+    for (char *const *e = envp; *e; e++, s->n++) {
+        if (!s->preload && starts_with(*e, "LD_PRELOAD=")) {
+            s->preload = e;
+            s->has_shim = lists_shim(*e + 11);
+        }
+        if (!starts_with(*e, "ARV_WRAP_"))
+            continue;
+        if (strcmp(*e, "ARV_WRAP_DISABLE=1") == 0)
+            s->disabled = 1;
+        size_t n = name_len(*e);
+        for (int k = 0; k < g.nkeep; k++)
+            if (name_len(g.keep[k]) == n && strncmp(g.keep[k], *e, n) == 0)
+                s->missing &= ~(1u << k);
+    }
+}
+
+/* Bytes needed for the repaired "LD_PRELOAD=..." entry, 0 if none is needed. */
+static size_t preload_size(const struct envscan *s)
+{
+    if (s->has_shim)
+        return 0;
+    return 11 + g.shim_len + 1 + (s->preload ? strlen(*s->preload + 11) : 0) + 1;
+}
+
+/* "LD_PRELOAD=<shim>[:<old value>]" into buf. */
+static char *make_preload(const struct envscan *s, char *buf, size_t size)
+{
+    size_t len = 0;
+    const char *old = s->preload ? *s->preload + 11 : "";
+
+    append(buf, size, &len, "LD_PRELOAD=", 11);
+    append(buf, size, &len, g.shim, g.shim_len);
+    if (*old) {
+        append(buf, size, &len, ":", 1);
+        append(buf, size, &len, old, strlen(old));
+    }
+    return buf;
+}
+
+/* envp with the repairs, into out (s->n + 1 + MAX_KEEP + 1 slots). */
+static char *const *repair_env(char *const *envp, const struct envscan *s, char **out,
+                               char *preload, size_t preload_len)
+{
+    size_t n = 0;
+
+    for (char *const *e = envp; *e; e++)
+        out[n++] = (e == s->preload && preload_len) ? preload : *e;
+    if (!s->preload)
+        out[n++] = preload;
+    for (int k = 0; k < g.nkeep; k++)
+        if (s->missing & (1u << k))
+            out[n++] = (char *)g.keep[k];
+    out[n] = NULL;
+    return out;
+}
+
+/* ------------------------------------------------------------------ */
+/* the core every hook funnels into                                     */
+
+/* The client could not be started (err): run the real call instead.  An exec
+ * only comes back on failure, so warn first.  A spawn may have failed for the
+ * caller's own file actions or attributes, which fail the tool alike: warn only
+ * if the tool then starts, so such a call fails exactly as without arv-wrap. */
+static int fall_back(const struct call *c, real_fn real, char *const envp[], int err,
+                     int saved)
+{
+    if (!c->spawn) {
+        warn_client(err);
+        errno = saved;
+        return real(c, envp);
+    }
+    errno = saved;
+    int ret = real(c, envp);
+    if (ret == 0)
+        warn_client(err);
+    return ret;
+}
+
+static int intercept(const struct call *c, real_fn real, resolve_fn resolve, launch_fn launch)
+{
+    int saved = errno;
+    struct envscan s;
+
+    if (!g.active || !c->file || !c->argv || !c->argv[0] || !c->envp)
+        return real(c, c->envp);
+    scan_env(c->envp, &s);
+    if (s.disabled)
+        return real(c, c->envp);
+
+    size_t pre_len = preload_size(&s);
+    int repair = (pre_len || s.missing) && s.n <= ENV_MAX && pre_len <= PRELOAD_MAX;
+    char *env_buf[repair ? s.n + MAX_KEEP + 2 : 1];
+    char pre_buf[repair && pre_len ? pre_len : 1];
+    char *const *envp = c->envp;
+    if (repair) {
+        if (pre_len)
+            make_preload(&s, pre_buf, pre_len);
+        envp = repair_env(c->envp, &s, env_buf, pre_buf, pre_len);
+    }
+
+    char abs[PATH_MAX];
+    int rule = decide(c, resolve, abs, sizeof abs);
+    if (rule >= 0) {
+        int err = redirect(c, launch, rule, abs, envp);
+        if (err == 0)
+            return 0;           /* spawned (an exec does not come back) */
+        return fall_back(c, real, envp, err, saved);
+    }
+    errno = saved;
+    return real(c, envp);
+}
+
+/* ------------------------------------------------------------------ */
+/* the hooks                                                            */
+
+static int run(const char *file, char *const argv[], char *const envp[], int search)
+{
+    struct call c = { .file = file, .argv = argv, .envp = envp };
+    return intercept(&c, search ? real_execvpe : real_execve,
+                     search ? resolve_search : resolve_path, launch_exec);
+}
+
+EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+    return run(path, argv, envp, 0);
+}
+
+EXPORT int execv(const char *path, char *const argv[])
+{
+    return run(path, argv, environ, 0);
+}
+
+EXPORT int execvp(const char *file, char *const argv[])
+{
+    return run(file, argv, environ, 1);
+}
+
+EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    return run(file, argv, envp, 1);
+}
+
+/* The execl* family: count the arguments, then collect them into a stack
+ * array, as glibc does (no allocation: they may run in a vfork child). */
+
+/* Number of arguments from arg to the NULL (arg included), -1 if too many. */
+static ptrdiff_t count_args(va_list ap)
+{
+    ptrdiff_t argc = 1;
+    while (va_arg(ap, const char *))
+        if (argc++ == INT_MAX)
+            return -1;
+    return argc;
+}
+
+/* Fill argv[0..argc] (argv[argc] is the NULL); leaves ap after the NULL. */
+static void collect_args(char **argv, ptrdiff_t argc, const char *arg, va_list *ap)
+{
+    argv[0] = (char *)arg;
+    for (ptrdiff_t i = 1; i <= argc; i++)
+        argv[i] = va_arg(*ap, char *);
+}
+
+EXPORT int execl(const char *path, const char *arg, ...)
+{
+    va_list ap;
+
+    va_start(ap, arg);
+    ptrdiff_t argc = count_args(ap);
+    va_end(ap);
+    if (argc < 0) {
+        errno = E2BIG;
+        return -1;
+    }
+    char *argv[argc + 1];
+    va_start(ap, arg);
+    collect_args(argv, argc, arg, &ap);
+    va_end(ap);
+    return run(path, argv, environ, 0);
+}
+
+EXPORT int execlp(const char *file, const char *arg, ...)
+{
+    va_list ap;
+
+    va_start(ap, arg);
+    ptrdiff_t argc = count_args(ap);
+    va_end(ap);
+    if (argc < 0) {
+        errno = E2BIG;
+        return -1;
+    }
+    char *argv[argc + 1];
+    va_start(ap, arg);
+    collect_args(argv, argc, arg, &ap);
+    va_end(ap);
+    return run(file, argv, environ, 1);
+}
+
+EXPORT int execle(const char *path, const char *arg, ...)
+{
+    va_list ap;
+
+    va_start(ap, arg);
+    ptrdiff_t argc = count_args(ap);
+    va_end(ap);
+    if (argc < 0) {
+        errno = E2BIG;
+        return -1;
+    }
+    char *argv[argc + 1];
+    va_start(ap, arg);
+    collect_args(argv, argc, arg, &ap);
+    char *const *envp = va_arg(ap, char *const *);
+    va_end(ap);
+    return run(path, argv, envp, 0);
+}
+
+EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
+{
+    struct call c = { .file = "", .argv = argv, .envp = envp, .dirfd = fd };
+    return intercept(&c, real_fexecve, resolve_fd, launch_exec);
+}
+
+EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[],
+                    int flags)
+{
+    struct call c = { .file = path, .argv = argv, .envp = envp, .dirfd = dirfd,
+                      .flags = flags };
+    return intercept(&c, real_execveat, resolve_at, launch_exec);
+}
+
+EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
+                       const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    struct call c = { .file = path, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
+                      .actions = actions, .attr = attr };
+    return intercept(&c, real_spawn, resolve_path, launch_spawn);
+}
+
+EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *actions,
+                        const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
+{
+    struct call c = { .file = file, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
+                      .actions = actions, .attr = attr };
+    return intercept(&c, real_spawnp, resolve_search, launch_spawn);
+}
