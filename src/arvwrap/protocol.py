@@ -1,0 +1,322 @@
+"""The dispatcher's side of the client <-> dispatcher protocol (docs/internals.md, section 4).
+
+A request is a 12-byte header (b"AWR1" + little-endian u64 payload length) sent with
+SCM_RIGHTS, then the payload: fields of one tag byte, bytes, NUL. After it the client
+may send "sig N" lines (ControlReader); the dispatcher answers with text lines
+(send_warn, send_job, send_local, send_exit, send_signal, send_fail).
+
+The parsing is split from the I/O (parse_header, parse_payload) so that any I/O model
+can use it; read_request does the blocking I/O for a plain socket. Whatever goes wrong,
+the received descriptors are closed before ProtocolError is raised.
+"""
+import array
+import os
+import re
+import resource
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+MAGIC = b"AWR1"
+HEADER = struct.Struct("<4sQ")
+MAX_PAYLOAD = 64 << 20          # argv + environ are capped far lower by the kernel
+MAX_FDS = 253                   # SCM_MAX_FD
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_DECIMAL = re.compile(rb"[0-9]{1,19}")
+_RLIMIT = re.compile(rb"([0-9]{1,4}) ([0-9]{1,20}|inf) ([0-9]{1,20}|inf)")
+_SIG_LINE = re.compile(rb"sig ([0-9]{1,3})")
+_REQUIRED = {b"R": "rule index", b"P": "resolved path", b"C": "cwd", b"U": "umask",
+             b"I": "client pid"}
+
+
+class ProtocolError(Exception):
+    """A malformed or truncated request (the message never contains a newline)."""
+
+
+@dataclass
+class Request:
+    rule: int
+    path: bytes
+    argv: List[bytes]
+    env: List[bytes]                        # "NAME=value" entries, in the caller's order
+    cwd: bytes                              # empty if the client's getcwd failed
+    umask: int
+    rlimits: List[Tuple[int, int, int]]     # (resource, soft, hard); RLIM_INFINITY for inf
+    fds: Dict[int, int] = field(default_factory=dict)   # caller's fd number -> our fd
+    cwd_fd: Optional[int] = None            # O_PATH|O_DIRECTORY handle of the cwd
+    pid: int = 0
+
+    def env_dict(self) -> Dict[bytes, bytes]:
+        """The environment as a dict; like getenv, the first of duplicate names wins,
+        and entries without '=' are left out."""
+        out: Dict[bytes, bytes] = {}
+        for entry in self.env:
+            name, eq, value = entry.partition(b"=")
+            if eq and name not in out:
+                out[name] = value
+        return out
+
+    def received_fds(self) -> List[int]:
+        return ([] if self.cwd_fd is None else [self.cwd_fd]) + list(self.fds.values())
+
+    def close(self):
+        """Close every received descriptor (idempotent)."""
+        _close_all(self.received_fds())
+        self.fds = {}
+        self.cwd_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- parsing (no I/O)
+
+def parse_header(header: bytes) -> int:
+    """The payload length from the 12 header bytes."""
+    if len(header) != HEADER.size:
+        raise ProtocolError(f"request header is {len(header)} bytes, not {HEADER.size}")
+    magic, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (not an arv-wrap client, or another version)")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"request payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    return length
+
+
+def _decimal(tag, value, limit=None):
+    if not _DECIMAL.fullmatch(value):
+        raise ProtocolError(f"field {tag.decode()} is not a decimal number: {value[:40]!r}")
+    number = int(value)
+    if limit is not None and number > limit:
+        raise ProtocolError(f"field {tag.decode()} out of range: {number}")
+    return number
+
+
+def _limit(value):
+    return resource.RLIM_INFINITY if value == b"inf" else int(value)
+
+
+def parse_payload(payload: bytes, fds: List[int]) -> Request:
+    """A Request from the payload and the descriptors received with the header (in
+    order). On error, closes fds and raises ProtocolError; on success the Request
+    owns them."""
+    try:
+        return _parse_payload(bytes(payload), fds)
+    except ProtocolError:
+        _close_all(fds)
+        raise
+
+
+def _parse_payload(payload, fds):
+    if not payload.endswith(b"\0"):
+        raise ProtocolError("payload does not end with a NUL")
+    single = {}
+    argv, env, rlimits, labels = [], [], [], []
+    for item in payload[:-1].split(b"\0"):
+        if not item:
+            raise ProtocolError("empty field (no tag)")
+        tag, value = item[:1], item[1:]
+        if tag == b"A":
+            argv.append(value)
+        elif tag == b"E":
+            env.append(value)
+        elif tag == b"L":
+            m = _RLIMIT.fullmatch(value)
+            if not m:
+                raise ProtocolError(f"bad rlimit field {value[:60]!r}")
+            rlimits.append((int(m[1]), _limit(m[2]), _limit(m[3])))
+        elif tag == b"F":
+            labels.append(value)
+        elif tag in _REQUIRED:
+            if tag in single:
+                raise ProtocolError(f"field {tag.decode()} ({_REQUIRED[tag]}) given twice")
+            single[tag] = value
+        else:
+            raise ProtocolError(f"unknown field tag {tag!r}")
+    missing = [name for tag, name in _REQUIRED.items() if tag not in single]
+    if missing:
+        raise ProtocolError("request lacks " + ", ".join(missing))
+    if len({r for r, _, _ in rlimits}) != len(rlimits):
+        raise ProtocolError("an rlimit is given twice")
+    request = Request(rule=_decimal(b"R", single[b"R"], 2**31 - 1), path=single[b"P"],
+                      argv=argv, env=env, cwd=single[b"C"],
+                      umask=_decimal(b"U", single[b"U"], 0o777), rlimits=rlimits,
+                      pid=_decimal(b"I", single[b"I"], 2**31 - 1))
+    _assign_fds(request, labels, fds)
+    return request
+
+
+def _assign_fds(request, labels, fds):
+    if len(labels) != len(fds):
+        raise ProtocolError(f"{len(labels)} F fields but {len(fds)} descriptors received")
+    for label, fd in zip(labels, fds):
+        if label == b"cwd":
+            if request.cwd_fd is not None:
+                raise ProtocolError("F cwd given twice")
+            request.cwd_fd = fd
+            continue
+        number = _decimal(b"F", label, 2**31 - 1)
+        if number in request.fds:
+            raise ProtocolError(f"F {number} given twice")
+        request.fds[number] = fd
+
+
+# ---------------------------------------------------------------- socket I/O
+
+def _fds_from_ancillary(ancdata, fds):
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[:len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+
+
+def read_request(sock: socket.socket) -> Request:
+    """Read one request from a blocking socket (received fds are close-on-exec)."""
+    fds: List[int] = []
+    try:
+        header = b""
+        while len(header) < HEADER.size:
+            data, ancdata, flags, _ = sock.recvmsg(HEADER.size - len(header), _ANCILLARY,
+                                                   socket.MSG_CMSG_CLOEXEC)
+            _fds_from_ancillary(ancdata, fds)
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("descriptors were truncated (more than the limit sent)")
+            if not data:
+                raise ProtocolError(f"connection closed after {len(header)} of "
+                                    f"{HEADER.size} header bytes")
+            header += data
+        length = parse_header(header)
+        payload = bytearray(length)
+        view, got = memoryview(payload), 0
+        while got < length:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise ProtocolError(f"connection closed after {got} of {length} payload bytes")
+            got += n
+    except ProtocolError:
+        _close_all(fds)
+        raise
+    except OSError as e:
+        _close_all(fds)
+        raise ProtocolError(f"reading the request: {e}") from e
+    return parse_payload(payload, fds)
+
+
+def peer_cred(sock: socket.socket) -> Tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
+    creds = struct.Struct("3i")
+    return creds.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, creds.size))
+
+
+def peer_uid(sock: socket.socket) -> int:
+    return peer_cred(sock)[1]
+
+
+# ---------------------------------------------------------------- replies
+
+def encode_line(text) -> bytes:
+    """One protocol line: newlines inside text become spaces."""
+    data = os.fsencode(text) if isinstance(text, str) else bytes(text)
+    return data.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n"
+
+
+def send_line(sock: socket.socket, text) -> bool:
+    """Send one line; False (never an exception) if the client is gone."""
+    try:
+        sock.sendall(encode_line(text))
+        return True
+    except OSError:           # BrokenPipe, ConnectionReset, a closed socket, a timeout
+        return False
+
+
+def send_warn(sock, text) -> bool:
+    return send_line(sock, "warn " + text)
+
+
+def send_job(sock, job_id) -> bool:
+    return send_line(sock, f"job {job_id}")
+
+
+def send_local(sock) -> bool:
+    return send_line(sock, "local")
+
+
+def send_exit(sock, status: int) -> bool:
+    if not 0 <= status <= 255:
+        raise ValueError(f"exit status {status} is not in 0..255")
+    return send_line(sock, f"exit {status}")
+
+
+def send_signal(sock, signum: int, text: Optional[str] = None) -> bool:
+    if not 1 <= signum < 65:
+        raise ValueError(f"bad signal number {signum}")
+    return send_line(sock, f"signal {signum}" + (f" {text}" if text else ""))
+
+
+def send_fail(sock, text) -> bool:
+    return send_line(sock, "fail " + text)
+
+
+# ---------------------------------------------------------------- after the request
+
+class ControlReader:
+    """The client's lines after the request: "sig N" for each forwarded signal.
+
+    read() does one recv and returns the signal numbers of the lines it completed;
+    on a non-blocking (or timed-out) socket with nothing to read it returns [].
+    `eof` becomes True when the client has gone (closed, reset, killed). Unknown or
+    malformed lines are ignored; so is an endless line.
+    """
+    MAX_LINE = 256
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.eof = False
+        self._partial = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> List[int]:
+        if self.eof:
+            return []
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, socket.timeout):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.eof = True
+            return []
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> List[int]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.MAX_LINE:
+            self._partial = b""
+        signals = []
+        for line in lines:
+            m = _SIG_LINE.fullmatch(line)
+            if m and 1 <= int(m[1]) < 65:
+                signals.append(int(m[1]))
+        return signals
+
+    def __iter__(self):
+        """Blocking: yield each forwarded signal until the client goes away."""
+        while not self.eof:
+            yield from self.read()

@@ -1,0 +1,507 @@
+"""The real compiled arv-wrap-client against test doubles of the dispatcher.
+
+A "scripted dispatcher" here is a small Python server in the test, bound where the
+client looks for the dispatcher (paths.socket_path), that reads the request with the
+real arvwrap.protocol and then answers with scripted lines. For cold starts,
+ARV_WRAP_PYTHON points to a fake dispatcher script that records how it was started.
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from arvwrap import paths, protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
+CLIENT_SRC = os.path.join(ROOT, "csrc", "client.c")
+CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", "-D_GNU_SOURCE"]
+
+
+@pytest.fixture(scope="session")
+def client():
+    """The real client, (re)built from csrc/client.c when missing or stale."""
+    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < os.path.getmtime(CLIENT_SRC):
+        os.makedirs(paths.NATIVE, exist_ok=True)
+        tmp = f"{paths.CLIENT}.{os.getpid()}.tmp"
+        subprocess.run(["cc", *CFLAGS, "-o", tmp, CLIENT_SRC], check=True)
+        os.replace(tmp, paths.CLIENT)
+    return paths.CLIENT
+
+
+@pytest.fixture
+def runtime():
+    """A short XDG_RUNTIME_DIR (sun_path holds 107 bytes), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="aw-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def env(base_env, runtime):
+    """ARV_WRAP_PYTHON fails, so a client that misses our socket never starts a real
+    dispatcher."""
+    env = dict(base_env, XDG_RUNTIME_DIR=runtime, ARV_WRAP_PYTHON="/bin/false")
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
+class ScriptedDispatcher:
+    """Test double for the dispatcher: serves one connection with script(conn, request)."""
+
+    def __init__(self, env, script):
+        self.path = paths.socket_path(env)
+        paths.private_dir(os.path.dirname(self.path))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.listener.settimeout(20)
+        self.script = script
+        self.request = self.error = None
+        self.got_request = threading.Event()
+        self.signals = []
+        self.saw_eof = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                self.request = protocol.read_request(conn)
+                self.request.close()
+                self.got_request.set()
+                self.script(conn, self)
+        except Exception as e:
+            self.error = e
+
+    def wait_signal(self, conn, answer=True):
+        """Read control lines until a forwarded signal (or EOF); answer `signal N`."""
+        reader = protocol.ControlReader(conn)
+        while not reader.eof and not self.signals:
+            self.signals += reader.read()
+        self.saw_eof = reader.eof
+        if self.signals and answer:
+            protocol.send_signal(conn, self.signals[0])
+
+    def join(self):
+        self.thread.join(20)
+        self.listener.close()
+        os.unlink(self.path)
+        if self.error:
+            raise self.error
+
+
+def reply(*lines):
+    def script(conn, _server):
+        for line in lines:
+            protocol.send_line(conn, line)
+    return script
+
+
+def run_client(client, env, *argv, path="/bin/true", **kw):
+    kw.setdefault("timeout", 30)
+    return subprocess.run([client, "--shim", "0", path, *argv], env=env,
+                          capture_output=True, **kw)
+
+
+# ---------------------------------------------------------------- final replies
+
+@pytest.mark.parametrize("status", [0, 1, 42, 255])
+def test_client_with_scripted_dispatcher_exits_with_the_status(client, env, status):
+    server = ScriptedDispatcher(env, reply("job j-123", f"exit {status}"))
+    proc = run_client(client, env, "true")
+    server.join()
+    assert proc.returncode == status
+    assert proc.stdout == proc.stderr == b""
+    assert server.request.argv == [b"true"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_client_with_scripted_dispatcher_dies_of_the_signal(client, env, signum):
+    server = ScriptedDispatcher(env, reply(f"signal {signum} job killed: time limit"))
+    proc = run_client(client, env, "true")
+    server.join()
+    assert proc.returncode == -signum
+    assert proc.stderr == b"arv-wrap: job killed: time limit\n"
+
+
+def test_client_with_scripted_dispatcher_dies_of_signal_without_core_or_text(client, env, tmp_path):
+    """SIGQUIT dumps core by default and is one the client forwards (so it has a handler):
+    the client must reset it and must not dump core even where core dumps are enabled."""
+    with open("/proc/sys/kernel/core_pattern") as f:
+        piped = f.read().startswith("|")
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    server = ScriptedDispatcher(env, reply("signal 3"))
+    proc = subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env, cwd=tmp_path,
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (hard, hard)))
+    _, status = os.waitpid(proc.pid, 0)
+    server.join()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGQUIT
+    assert proc.stderr.read() == b""
+    if not piped:
+        assert not os.WCOREDUMP(status)
+        assert not [p for p in os.listdir(tmp_path) if p.startswith("core")]
+
+
+def test_client_with_scripted_dispatcher_fail_is_125_and_one_line(client, env):
+    server = ScriptedDispatcher(env, reply("fail the slurm backend is unreachable"))
+    proc = run_client(client, env, "true")
+    server.join()
+    assert proc.returncode == 125
+    assert proc.stderr == b"arv-wrap: the slurm backend is unreachable\n"
+    assert proc.stdout == b""
+
+
+def test_client_with_scripted_dispatcher_eof_is_125(client, env):
+    server = ScriptedDispatcher(env, reply())
+    proc = run_client(client, env, "true")
+    server.join()
+    assert proc.returncode == 125
+    assert proc.stderr == b"arv-wrap: lost the dispatcher\n"
+
+
+def test_client_with_scripted_dispatcher_bad_final_line_is_125(client, env):
+    server = ScriptedDispatcher(env, reply("some future line", "exit 256"))
+    proc = run_client(client, env, "true")
+    server.join()
+    assert proc.returncode == 125
+    assert proc.stderr == b"arv-wrap: bad reply from the dispatcher: exit 256\n"
+
+
+def test_client_with_scripted_dispatcher_replies_split_across_writes(client, env):
+    def script(conn, _server):
+        for chunk in (b"wa", b"rn one\nwarn t", b"wo\nex", b"it 9\n"):
+            conn.sendall(chunk)
+            time.sleep(0.01)
+    server = ScriptedDispatcher(env, script)
+    proc = run_client(client, env, "true")
+    server.join()
+    assert (proc.returncode, proc.stderr) == (9, b"arv-wrap: one\narv-wrap: two\n")
+
+
+def test_client_with_scripted_dispatcher_and_closed_stderr_writes_nothing_elsewhere(client, env):
+    """With fds 1 and 2 closed, our own socket gets number 2: warnings must not go into it."""
+    def script(conn, server):
+        protocol.send_line(conn, "warn nobody hears this")
+        protocol.send_line(conn, "exit 3")
+        server.rest = b"".join(iter(lambda: conn.recv(4096), b""))
+    server = ScriptedDispatcher(env, script)
+    proc = subprocess.run([client, "--shim", "0", "/bin/true", "true"], env=env,
+                          preexec_fn=lambda: os.closerange(1, 3), timeout=30)
+    server.join()
+    assert proc.returncode == 3
+    assert server.rest == b""
+
+
+# ---------------------------------------------------------------- local
+
+def test_client_with_scripted_dispatcher_warn_then_local_runs_the_tool_here(client, env):
+    server = ScriptedDispatcher(env, reply("warn no backend; running echo locally", "local"))
+    proc = run_client(client, env, "echo", "a  b", "new\nline", "", "\xff-ish",
+                      path="/bin/echo")
+    server.join()
+    assert proc.returncode == 0
+    assert proc.stdout == "a  b new\nline  \xff-ish\n".encode()
+    assert proc.stderr == b"arv-wrap: no backend; running echo locally\n"
+
+
+def test_client_with_scripted_dispatcher_local_keeps_env_and_leaks_no_fd(client, env):
+    server = ScriptedDispatcher(env, reply("local"))
+    env = dict(env, ODD="x\ny")
+    proc = run_client(client, env, "env", "-0", path="/usr/bin/env")
+    server.join()
+    assert proc.returncode == 0
+    assert proc.stdout == b"".join(f"{k}={v}\0".encode() for k, v in env.items())
+    # our socket and cwd handle are close-on-exec: ls sees fds 0-2 and its own dir fd
+    server = ScriptedDispatcher(env, reply("local"))
+    proc = run_client(client, env, "ls", "/proc/self/fd", path=shutil.which("ls"))
+    server.join()
+    assert proc.stdout.split() == [b"0", b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("make, status, why", [
+    (lambda d: None, 127, "No such file or directory"),
+    (lambda d: (d / "tool").write_text("#!/bin/sh\n"), 126, "Permission denied"),
+])
+def test_client_with_scripted_dispatcher_local_exec_failure(client, env, tmp_path, make, status, why):
+    make(tmp_path)
+    tool = str(tmp_path / "tool")
+    server = ScriptedDispatcher(env, reply("local"))
+    proc = run_client(client, env, "tool", path=tool)
+    server.join()
+    assert proc.returncode == status
+    assert proc.stderr == f"arv-wrap: {tool}: {why}\n".encode()
+
+
+# ---------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                    signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2])
+def test_client_with_scripted_dispatcher_forwards_signals(client, env, signum):
+    server = ScriptedDispatcher(env, lambda conn, s: s.wait_signal(conn))
+    proc = subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env,
+                            stderr=subprocess.PIPE)
+    assert server.got_request.wait(20)
+    proc.send_signal(signum)            # the request was read: forwarding is in place
+    assert proc.wait(20) == -signum
+    server.join()
+    assert server.signals == [signum]
+    assert proc.stderr.read() == b""
+
+
+def test_client_with_scripted_dispatcher_leaves_ignored_signals_ignored(client, env):
+    """A caller that ignores SIGINT (e.g. `tool &` in a script): the tool would ignore
+    it too, so the client must not forward it."""
+    server = ScriptedDispatcher(env, lambda conn, s: s.wait_signal(conn))
+    proc = subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert server.got_request.wait(20)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == -signal.SIGTERM
+    server.join()
+    assert server.signals == [signal.SIGTERM]
+
+
+def test_client_with_scripted_dispatcher_sees_eof_when_client_is_killed(client, env):
+    server = ScriptedDispatcher(env, lambda conn, s: s.wait_signal(conn))
+    proc = subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env)
+    assert server.got_request.wait(20)
+    proc.kill()
+    proc.wait(20)
+    server.join()
+    assert server.saw_eof and server.signals == []
+
+
+# ---------------------------------------------------------------- cold start
+
+FAKE_DISPATCHER = r'''#!{python}
+"""Fake dispatcher: records how it was started, then answers `exit 7` to every call."""
+import json, os, signal, socket, sys, time
+sys.path.insert(0, {src!r})
+from arvwrap import protocol
+args = sys.argv[1:]
+open_fds = []
+for fd in range(256):
+    try:
+        os.fstat(fd)
+        open_fds.append(fd)
+    except OSError:
+        pass
+record = dict(args=args, pid=os.getpid(), sid=os.getsid(0), fds=open_fds,
+              stdio=[os.readlink(f"/proc/self/fd/{{i}}") for i in range(3)],
+              ld_preload=os.environ.get("LD_PRELOAD"), cwd=os.getcwd(),
+              sigint=str(signal.getsignal(signal.SIGINT)),
+              blocked=sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+with open({log!r}, "a") as f:
+    f.write(json.dumps(record) + "\n")
+if {die!r}:
+    sys.exit(1)
+time.sleep(0.3)                     # let concurrent clients pile up on the lock
+sock = args[args.index("--socket") + 1]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sock)
+listener.listen(64)
+listener.settimeout(3)
+while True:
+    try:
+        conn, _ = listener.accept()
+    except socket.timeout:
+        break
+    with conn:
+        protocol.read_request(conn).close()
+        protocol.send_line(conn, "exit 7")
+os.unlink(sock)
+'''
+
+
+@pytest.fixture
+def fake_dispatcher(tmp_path):
+    """make(die=False) -> (script path, log path); kills what it started afterwards."""
+    logs = []
+
+    def make(die=False):
+        log = tmp_path / f"starts{len(logs)}.jsonl"
+        script = tmp_path / f"fake-python{len(logs)}"
+        script.write_text(FAKE_DISPATCHER.format(python=sys.executable, src=SRC,
+                                                 log=str(log), die=die))
+        script.chmod(0o755)
+        logs.append(log)
+        return str(script), log
+
+    yield make
+    for log in logs:
+        for record in read_log(log):
+            try:
+                os.kill(record["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def read_log(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def empty_libs(tmp_path):
+    """Two harmless preloadable libraries: a stand-in shim (libarvwrap.so) and another."""
+    (tmp_path / "empty.c").write_text("int arvwrap_test_empty;\n")
+    libs = []
+    for name in ("libarvwrap.so", "libother.so"):
+        path = tmp_path / "lib" / name
+        path.parent.mkdir(exist_ok=True)
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(path), str(tmp_path / "empty.c")],
+                       check=True)
+        libs.append(str(path))
+    return libs
+
+
+def state_env(kind, base, tmp_path):
+    """Each way the state dir can be given; returns (env, the state dir paths.py computes)."""
+    env = {k: v for k, v in base.items() if k not in ("ARV_WRAP_STATE_DIR", "XDG_STATE_HOME")}
+    if kind == "state-dir":
+        env["ARV_WRAP_STATE_DIR"] = f"{tmp_path}//st/./x/../dir/"
+    elif kind == "relative":
+        env["ARV_WRAP_STATE_DIR"] = "rel/state"
+        return env, paths.state_dir({"ARV_WRAP_STATE_DIR": f"{tmp_path}/rel/state"})
+    elif kind == "xdg":
+        env["XDG_STATE_HOME"] = f"{tmp_path}/xdg/"
+    else:
+        env["HOME"] = f"{tmp_path}/home"
+    return env, paths.state_dir(env)
+
+
+@pytest.mark.parametrize("kind", ["state-dir", "relative", "xdg", "home"])
+def test_client_cold_start_launches_a_clean_daemon_at_the_computed_socket(
+        client, env, tmp_path, fake_dispatcher, empty_libs, kind):
+    script, log = fake_dispatcher()
+    shim, other = empty_libs
+    env, state = state_env(kind, env, tmp_path)
+    env.update(ARV_WRAP_PYTHON=script, ARV_WRAP_SHIM=shim, LD_PRELOAD=f"{shim} {other}")
+    proc = run_client(client, env, "true", cwd=tmp_path,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (proc.returncode, proc.stderr) == (7, b"")
+    [record] = read_log(log)
+    assert record["args"] == ["-m", "arvwrap.dispatcher", "--socket",
+                              paths.socket_path(dict(env, ARV_WRAP_STATE_DIR=state)),
+                              "--state-dir", state]
+    assert record["sid"] != os.getsid(0)
+    assert record["stdio"] == ["/dev/null"] * 3
+    assert record["fds"] == [0, 1, 2]
+    assert record["ld_preload"] == other
+    assert record["cwd"] == "/"
+    assert "default_int_handler" in record["sigint"]     # not inherited SIG_IGN
+    assert record["blocked"] == []
+    runtime_dir = os.path.dirname(record["args"][3])
+    assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o700
+
+
+def test_client_cold_start_removes_ld_preload_holding_only_the_shim(
+        client, env, fake_dispatcher, empty_libs):
+    script, log = fake_dispatcher()
+    env.update(ARV_WRAP_PYTHON=script, ARV_WRAP_SHIM=empty_libs[0], LD_PRELOAD=empty_libs[0])
+    assert run_client(client, env, "true").returncode == 7
+    assert read_log(log)[0]["ld_preload"] is None
+
+
+def test_client_concurrent_cold_starts_start_one_dispatcher(client, env, fake_dispatcher):
+    script, log = fake_dispatcher()
+    env["ARV_WRAP_PYTHON"] = script
+    procs = [subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env,
+                              stderr=subprocess.PIPE) for _ in range(5)]
+    assert [p.wait(30) for p in procs] == [7] * 5
+    assert [p.stderr.read() for p in procs] == [b""] * 5
+    assert len(read_log(log)) == 1
+
+
+def test_client_cold_start_replaces_a_stale_socket(client, env, fake_dispatcher):
+    script, log = fake_dispatcher()
+    env["ARV_WRAP_PYTHON"] = script
+    stale = paths.socket_path(env)
+    paths.private_dir(os.path.dirname(stale))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(stale)
+    s.close()                                   # the file stays: ECONNREFUSED
+    assert run_client(client, env, "true").returncode == 7
+    assert len(read_log(log)) == 1
+
+
+def test_client_cold_start_fails_fast_when_python_cannot_run(client, env):
+    env["ARV_WRAP_PYTHON"] = "/nonexistent/python3"
+    started = time.monotonic()
+    proc = run_client(client, env, "true")
+    assert time.monotonic() - started < 5
+    assert proc.returncode == 125
+    assert proc.stderr == b"arv-wrap: cannot run /nonexistent/python3: No such file or directory\n"
+
+
+def test_client_cold_start_fails_fast_when_the_dispatcher_dies(client, env, fake_dispatcher):
+    script, log = fake_dispatcher(die=True)
+    env["ARV_WRAP_PYTHON"] = script
+    started = time.monotonic()
+    proc = run_client(client, env, "true")
+    assert time.monotonic() - started < 5
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"arv-wrap: the dispatcher (") and proc.stderr.count(b"\n") == 1
+
+
+def test_client_refuses_a_runtime_dir_others_can_enter(client, env):
+    runtime_dir = os.path.dirname(paths.socket_path(env))
+    os.mkdir(runtime_dir, 0o755)
+    os.chmod(runtime_dir, 0o755)
+    proc = run_client(client, env, "true")
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"arv-wrap: refusing " + runtime_dir.encode())
+
+
+# ---------------------------------------------------------------- probe, --exec, usage
+
+def test_client_probe_mode_appends_records_without_a_dispatcher(client, env, tmp_path):
+    probe = tmp_path / "probe"
+    env["ARV_WRAP_PROBE"] = str(probe)
+    for args in (["true", "a b", ""], ["x\ny"]):
+        proc = subprocess.run([client, "--shim", "3", "/bin/true", *args], env=env,
+                              capture_output=True, timeout=10)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+    assert probe.read_bytes() == b"3\0/bin/true\0true\0a b\0\0\n3\0/bin/true\0x\ny\0\n"
+    assert not os.path.exists(paths.socket_path(env))
+
+
+def test_client_exec_mode_runs_the_command(client, env):
+    proc = subprocess.run([client, "--exec", "echo", "hi  there"], env=env, capture_output=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"hi  there\n", b"")
+
+
+def test_client_exec_mode_enoent_is_127(client, env):
+    proc = subprocess.run([client, "--exec", "no-such-arvwrap-cmd"], env=env, capture_output=True)
+    assert proc.returncode == 127
+    assert proc.stderr == b"arv-wrap: no-such-arvwrap-cmd: No such file or directory\n"
+
+
+def test_client_exec_mode_eacces_is_126(client, env, tmp_path):
+    tool = tmp_path / "not-executable"
+    tool.write_text("#!/bin/sh\n")
+    proc = subprocess.run([client, "--exec", str(tool)], env=env, capture_output=True)
+    assert proc.returncode == 126
+    assert proc.stderr == f"arv-wrap: {tool}: Permission denied\n".encode()
+
+
+@pytest.mark.parametrize("args", [[], ["--shim"], ["--shim", "0"], ["--shim", "x", "/bin/true"],
+                                  ["--exec"], ["--bogus", "a", "b"]])
+def test_client_usage_errors_exit_2(client, env, args):
+    proc = subprocess.run([client, *args], env=env, capture_output=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(b"usage: arv-wrap-client")
