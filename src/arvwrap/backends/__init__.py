@@ -1,0 +1,27 @@
+"""Backends run jobs. Each lives in its own module behind one small interface:
+
+    class Backend:
+        name: str
+        def check(self) -> str            # raise BackendError if it cannot answer
+        def run(self, job, started) -> Outcome
+            # run job to its end; call started(backend_id) once it runs;
+            # honour job.signal()/job.cancel() (job.wake_fd becomes readable)
+
+A backend that refuses a job returns Outcome(state="failed", message=...).
+"""
+import importlib
+
+
+class BackendError(Exception):
+    """The backend cannot take jobs at all (unknown, not installed, not answering)."""
+
+
+KNOWN = {"local": "arvwrap.backends.local"}
+
+
+def load(name, config):
+    """The backend called name, built once per dispatcher with its config dict."""
+    if name not in KNOWN:
+        raise BackendError(f"unknown backend {name!r} (known: {', '.join(sorted(KNOWN))})")
+    module = importlib.import_module(KNOWN[name])
+    return module.Backend(config)

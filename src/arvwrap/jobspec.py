@@ -1,0 +1,159 @@
+"""One job: what to run, where, with which resources, and how it may be steered.
+
+A Job is built by the dispatcher from a client's request and the matched rule, and
+handed to one backend. The backend runs it to the end and returns an Outcome; the
+dispatcher and the caller talk to it meanwhile only through signal() and cancel().
+"""
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from arvwrap import store
+
+SHIM_NAME = b"libarvwrap.so"
+
+
+@dataclass
+class Outcome:
+    state: str                    # one of store.FINAL_STATES
+    exit_status: Optional[int] = None
+    signal: Optional[int] = None
+    reason: Optional[str] = None  # for the record
+    message: Optional[str] = None  # the one `arv-wrap:` line for the caller, if any
+    run_locally: bool = False     # the backend could not run it; the caller should
+    caller_signal: Optional[int] = None  # a cancelled job: the signal the caller dies of
+
+
+def job_environment(env, job_id, nested, rule):
+    """The caller's environment as the job sees it.
+
+    arv-wrap's own variables and its shim are removed unless the job is itself a
+    pipeline (nested), whose tools must keep being redirected; ARV_WRAP_JOB names
+    the job in every case, so calls made under it record it as their parent.
+    """
+    out = {}
+    for name, value in env.items():
+        if not nested and name.startswith(b"ARV_WRAP_"):
+            continue
+        if name == b"LD_PRELOAD" and not nested:
+            value = strip_shim(value)
+            if not value:
+                continue
+        out[name] = value
+    if rule is not None:
+        for name in rule.env_drop or ():
+            out.pop(os.fsencode(name), None)
+        for name, value in (rule.env_set or {}).items():
+            out[os.fsencode(name)] = os.fsencode(value)
+    out[b"ARV_WRAP_JOB"] = job_id.encode()
+    return out
+
+
+def strip_shim(preload):
+    """LD_PRELOAD without arv-wrap's shim (entries are separated by ':' or spaces)."""
+    entries = preload.replace(b" ", b":").split(b":")
+    return b":".join(e for e in entries if e and os.path.basename(e) != SHIM_NAME)
+
+
+@dataclass
+class Job:
+    id: str
+    run: Optional[str]
+    parent: Optional[str]
+    argv: list                   # list[bytes], argv[0] included
+    path: bytes                  # resolved executable
+    cwd: bytes
+    env: dict                    # bytes -> bytes, as the job must see it
+    umask: int = 0o022
+    rlimits: list = field(default_factory=list)   # (resource, soft, hard)
+    fds: dict = field(default_factory=dict)       # caller fd number -> our fd
+    cwd_fd: Optional[int] = None
+    cpus: float = 1.0
+    memory: Optional[int] = None
+    time_limit: Optional[int] = None
+    stdin: str = "auto"
+    nested: bool = False
+    backend: str = "local"
+    on_backend_error: str = "fail"
+    on_oversize: str = "clamp"
+    rule: object = None
+    slurm: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._signals = []
+        self.cancel_reason = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.on_wake = None      # a backend may set this to be told at once
+        self._closed = False
+
+    @property
+    def tool(self):
+        return os.path.basename(os.fsdecode(self.argv[0] if self.argv else self.path))
+
+    def record(self):
+        """The initial job record."""
+        return {"id": self.id, "run": self.run, "parent": self.parent, "kind": "job",
+                "argv": self.argv, "cwd": self.cwd, "backend": self.backend,
+                "state": "queued", "cpus": self.cpus, "memory": self.memory,
+                "time_limit": self.time_limit,
+                "rule": self.rule and f"{self.rule.file}:{self.rule.line}",
+                "reason": "; ".join(self.notes) or None}
+
+    # -- steering, from any thread --
+    def signal(self, signum):
+        with self._lock:
+            self._signals.append(signum)
+        self._wake()
+
+    def cancel(self, reason):
+        with self._lock:
+            if self.cancel_reason is None:
+                self.cancel_reason = reason
+        self._wake()
+
+    def take_signals(self):
+        with self._lock:
+            pending, self._signals = self._signals, []
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        return pending
+
+    @property
+    def wake_fd(self):
+        """Readable when signal() or cancel() was called."""
+        return self._wake_r
+
+    def _wake(self):
+        with self._lock:
+            if self._closed:     # its descriptor numbers may belong to others by now
+                return
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
+        if self.on_wake:
+            self.on_wake()
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+        for fd in (*self.fds.values(), self.cwd_fd, self._wake_r, self._wake_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fds = {}
+        self.cwd_fd = None
+
+
+def final_fields(outcome):
+    """Record fields for an outcome."""
+    return {"state": outcome.state, "exit_status": outcome.exit_status,
+            "signal": outcome.signal, "ended": store.now()}
