@@ -34,3 +34,46 @@ def base_env(state_dir):
     env["ARV_WRAP_STATE_DIR"] = state_dir
     env["ARV_WRAP_IDLE_TIMEOUT"] = "20"
     return env
+
+
+def arv_wrap(*args, env, **kwargs):
+    """Run the arv-wrap command (as `python -m arvwrap`, so no install step is assumed)."""
+    import sys
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run([sys.executable, "-m", "arvwrap", *args], env=env, **kwargs)
+
+
+def jobs(env, run=None):
+    """The job records of the state dir in env, newest first."""
+    import json
+    args = ["jobs", "--json"] + (["--run", run] if run else [])
+    out = arv_wrap(*args, env=env, stdout=subprocess.PIPE, check=True).stdout
+    return json.loads(out)
+
+
+def write_tool(directory, name, body):
+    """An executable stand-in tool (a shell script) in directory."""
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def tools(tmp_path, base_env):
+    """A bin dir at the front of PATH for stand-in tools, and base_env using it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    base_env["PATH"] = f"{bin_dir}:{base_env['PATH']}"
+    return str(bin_dir)
+
+
+@pytest.fixture
+def whitelist_file(tmp_path):
+    """Write a whitelist YAML from text and return its path."""
+    def write(text, name="w.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+    return write
