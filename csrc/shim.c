@@ -74,7 +74,7 @@ extern char **environ;
 #define MAX_KEEP 32             /* ARV_WRAP_* entries re-added by env repair */
 #define ENV_MAX 4096            /* larger envps are passed on without repair (stack) */
 #define PRELOAD_MAX 4096        /* so is an LD_PRELOAD value longer than this */
-#define ARENA_SIZE 65536
+#define ARENA_SIZE 8192        /* larger values are used in place */
 
 /* What the constructor found in this process's environment. */
 static struct {

@@ -197,34 +197,53 @@ class Dispatcher:
         try:
             backend = self.backend(job.backend)
         except backends.BackendError as e:
-            if job.on_backend_error == "local":
-                return Outcome("failed", reason=f"{e}; ran locally", run_locally=True)
-            return Outcome("failed", reason=str(e), message=str(e))
+            backend, job.notes = None, [*job.notes, str(e)]
+            if job.on_backend_error != "local":
+                return Outcome("failed", reason=str(e), message=str(e))
         self.store.insert(job.record())
         with self.lock:
             self.jobs[job.id] = job
-        watcher = threading.Thread(target=watch_caller, args=(conn, job), daemon=True)
-        watcher.start()
+        threading.Thread(target=watch_caller, args=(conn, job), daemon=True).start()
+        try:
+            outcome = self.run_on(backend, job) if backend else None
+            if outcome is None or self.falls_back(job, outcome):
+                job.backend = "local"
+                outcome = self.run_on(self.backend("local"), job)
+        finally:
+            with self.lock:
+                self.jobs.pop(job.id, None)
+        reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
+        self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
+                          backend=job.backend, cpus=job.cpus, memory=job.memory,
+                          **final_fields(outcome))
+        return outcome
 
+    def run_on(self, backend, job):
         def started(backend_id):
             self.store.update(job.id, state="running", backend_id=backend_id,
                               started=store.now())
         try:
-            outcome = backend.run(job, started)
+            return backend.run(job, started)
         except Exception as e:
             log.exception("backend %s failed on job %s", job.backend, job.id)
-            outcome = Outcome("failed", reason=f"backend error: {e}",
-                              message=f"the {job.backend} backend failed: {e}")
-        finally:
-            with self.lock:
-                self.jobs.pop(job.id, None)
-        if outcome.run_locally and job.on_backend_error != "local":
+            return Outcome("failed", reason=f"backend error: {e}", run_locally=True,
+                           message=f"the {job.backend} backend failed: {e}")
+
+    @staticmethod
+    def falls_back(job, outcome):
+        """Whether a remote backend's outcome sends the job to the local backend."""
+        if job.backend == "local":
+            return False
+        if outcome.use_local_backend:
+            job.notes.append(f"ran on the local backend: {outcome.reason}")
+            return True
+        if outcome.run_locally and job.on_backend_error == "local":
+            job.notes.append(f"{outcome.reason}; ran on the local backend (on_backend_error: local)")
+            return True
+        if outcome.run_locally:    # the backend failed and the rule says fail
             outcome.run_locally = False
             outcome.message = outcome.message or outcome.reason
-        reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
-        self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
-                          cpus=job.cpus, memory=job.memory, **final_fields(outcome))
-        return outcome
+        return False
 
 
 def watch_caller(conn, job):

@@ -22,6 +22,8 @@ class Outcome:
     reason: Optional[str] = None  # for the record
     message: Optional[str] = None  # the one `arv-wrap:` line for the caller, if any
     run_locally: bool = False     # the backend could not run it; the caller should
+    use_local_backend: bool = False  # the backend cannot carry this call (e.g. a /dev/fd
+                                     # argument): run it on the local backend instead
     caller_signal: Optional[int] = None  # a cancelled job: the signal the caller dies of
 
 
