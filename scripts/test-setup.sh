@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine (as root) for the test suite: the system
+# packages the tests use for real, arv-wrap itself with its test extras, and the
+# services the tests talk to. Idempotent; run from the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(gcc make bash coreutils findutils procps)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check '.[test]'
+
+# A one-node Slurm cluster on loopback (installs Slurm and munge when missing).
+bash scripts/slurm-cluster.sh up
