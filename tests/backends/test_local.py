@@ -13,13 +13,13 @@ from arvwrap.backends import local
 from arvwrap.jobspec import Job
 
 
-def make_job(argv, stdin=None, stdout=None, stderr=None, **fields):
+def make_job(argv, stdin=None, stdout=None, stderr=None, stdin_mode="auto", **fields):
     """A Job whose descriptors are duplicates of the given ones (the backend owns them)."""
     fds = {n: os.dup(fd) for n, fd in ((0, stdin), (1, stdout), (2, stderr)) if fd is not None}
     argv = [os.fsencode(a) for a in argv]
     return Job(id=store.new_id(), run=None, parent=None, argv=argv,
                path=os.fsencode(shutil.which(os.fsdecode(argv[0]))), cwd=os.getcwdb(),
-               env={b"PATH": os.environb[b"PATH"]}, fds=fds, **fields)
+               env={b"PATH": os.environb[b"PATH"]}, fds=fds, stdin=stdin_mode, **fields)
 
 
 class Runner:
@@ -160,3 +160,14 @@ def test_a_queued_job_fed_by_a_local_process_still_waits():
     hog.wait(), waiting.wait()
     feeder.wait()
     assert waiting.started_at - hog.started_at >= 0.8
+
+
+def test_stdin_none_gives_the_job_dev_null_and_leaves_the_callers_input(tmp_path):
+    backend = local.Backend({"cpus": 1})
+    r, w = os.pipe()
+    os.write(w, b"for the caller\n")
+    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    outcome = Runner(backend, make_job(["cat"], stdin=r, stdout=out, stdin_mode="none")).wait()
+    os.close(out), os.close(w)
+    assert outcome.exit_status == 0 and (tmp_path / "out").read_bytes() == b""
+    assert os.read(r, 100) == b"for the caller\n"

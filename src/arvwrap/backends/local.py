@@ -206,6 +206,10 @@ class Backend:
         refused = self.fit(job)
         if refused:
             return refused
+        if job.stdin == "none":   # the rule says the tool never needs its stdin
+            old, job.fds[0] = job.fds.get(0), os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if old is not None:
+                os.close(old)
         claim = Claim(job, job.cpus, job.memory)
         if not self.scheduler.acquire(claim):
             return Outcome("cancelled", reason=job.cancel_reason)
