@@ -784,59 +784,40 @@ static void collect_args(char **argv, ptrdiff_t argc, const char *arg, va_list *
         argv[i] = va_arg(*ap, char *);
 }
 
+/* The body of an execl* hook: gather the NULL-terminated argument list (and,
+ * for execle, the envp after it) into a stack array. A macro, because that
+ * array must live in the hook's own frame. */
+#define EXECL_BODY(file, arg, search, envp_follows)                              \
+    do {                                                                         \
+        va_list ap;                                                              \
+        va_start(ap, arg);                                                       \
+        ptrdiff_t argc = count_args(ap);                                         \
+        va_end(ap);                                                              \
+        if (argc < 0) {                                                          \
+            errno = E2BIG;                                                       \
+            return -1;                                                           \
+        }                                                                        \
+        char *argv[argc + 1];                                                    \
+        va_start(ap, arg);                                                       \
+        collect_args(argv, argc, arg, &ap);                                      \
+        char *const *envp = (envp_follows) ? va_arg(ap, char *const *) : environ; \
+        va_end(ap);                                                              \
+        return run(file, argv, envp, search);                                    \
+    } while (0)
+
 EXPORT int execl(const char *path, const char *arg, ...)
 {
-    va_list ap;
-
-    va_start(ap, arg);
-    ptrdiff_t argc = count_args(ap);
-    va_end(ap);
-    if (argc < 0) {
-        errno = E2BIG;
-        return -1;
-    }
-    char *argv[argc + 1];
-    va_start(ap, arg);
-    collect_args(argv, argc, arg, &ap);
-    va_end(ap);
-    return run(path, argv, environ, 0);
+    EXECL_BODY(path, arg, 0, 0);
 }
 
 EXPORT int execlp(const char *file, const char *arg, ...)
 {
-    va_list ap;
-
-    va_start(ap, arg);
-    ptrdiff_t argc = count_args(ap);
-    va_end(ap);
-    if (argc < 0) {
-        errno = E2BIG;
-        return -1;
-    }
-    char *argv[argc + 1];
-    va_start(ap, arg);
-    collect_args(argv, argc, arg, &ap);
-    va_end(ap);
-    return run(file, argv, environ, 1);
+    EXECL_BODY(file, arg, 1, 0);
 }
 
 EXPORT int execle(const char *path, const char *arg, ...)
 {
-    va_list ap;
-
-    va_start(ap, arg);
-    ptrdiff_t argc = count_args(ap);
-    va_end(ap);
-    if (argc < 0) {
-        errno = E2BIG;
-        return -1;
-    }
-    char *argv[argc + 1];
-    va_start(ap, arg);
-    collect_args(argv, argc, arg, &ap);
-    char *const *envp = va_arg(ap, char *const *);
-    va_end(ap);
-    return run(path, argv, envp, 0);
+    EXECL_BODY(path, arg, 0, 1);
 }
 
 EXPORT int fexecve(int fd, char *const argv[], char *const envp[])

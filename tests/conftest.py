@@ -10,6 +10,23 @@ from arvwrap import paths
 ON_CI = os.environ.get("CI") == "true"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def client():
+    """The real client, (re)built from csrc/client.c when missing or stale (a source
+    checkout being edited); an installed one is newer than its source."""
+    source = os.path.join(ROOT, "csrc", "client.c")
+    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < os.path.getmtime(source):
+        os.makedirs(paths.NATIVE, exist_ok=True)
+        tmp = f"{paths.CLIENT}.{os.getpid()}.tmp"
+        subprocess.run(["cc", "-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden",
+                        "-D_GNU_SOURCE", "-o", tmp, source], check=True)
+        os.replace(tmp, paths.CLIENT)   # atomic: a running copy is never written to
+    return paths.CLIENT
+
+
 def need(program):
     """Skip a test whose real component is missing, except on CI where that is a failure."""
     if shutil.which(program) is None:

@@ -18,20 +18,6 @@ import pytest
 
 from arvwrap import paths, protocol
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLIENT_SRC = os.path.join(ROOT, "csrc", "client.c")
-CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", "-D_GNU_SOURCE"]
-
-
-@pytest.fixture(scope="session")
-def client():
-    """The real client, (re)built from csrc/client.c when missing or stale."""
-    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < os.path.getmtime(CLIENT_SRC):
-        os.makedirs(paths.NATIVE, exist_ok=True)
-        tmp = f"{paths.CLIENT}.{os.getpid()}.tmp"
-        subprocess.run(["cc", *CFLAGS, "-o", tmp, CLIENT_SRC], check=True)
-        os.replace(tmp, paths.CLIENT)
-    return paths.CLIENT
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 
 from arvwrap import __version__, paths, store, whitelist
 

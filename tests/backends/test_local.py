@@ -6,7 +6,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from arvwrap import store
 from arvwrap.backends import local
