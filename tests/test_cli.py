@@ -139,6 +139,13 @@ def test_doctor_checks_the_chain(env):
     result = out("doctor", env=env)
     assert result.returncode == 0, result.stdout
     assert b"intercepts" in result.stdout
+    assert b"a redirected `true` ran as job" in result.stdout
+
+
+def test_doctor_says_which_link_is_broken(base_env):
+    result = out("doctor", "-b", "nosuchbackend", env=base_env)
+    assert result.returncode == 1
+    assert b"FAIL  backend nosuchbackend: unknown backend" in result.stdout
 
 
 def arv_cmd():

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from arvwrap import paths, whitelist
 
@@ -11,7 +12,7 @@ PROBE_RULES = "1;n:true"
 
 def run(options):
     checks = [check_files, check_interception, lambda: check_rules(options),
-              lambda: check_backend(options)]
+              lambda: check_backend(options), lambda: check_round_trip(options)]
     failed = 0
     for check in checks:
         ok, text = check()
@@ -65,6 +66,33 @@ def check_backend(options):
         return False, f"backend {name}: {e}"
     except Exception as e:  # a backend's own failure is what the doctor must report
         return False, f"backend {name}: {e}"
+
+
+def check_round_trip(options):
+    """Redirect a real `true` through the dispatcher to the chosen backend."""
+    from arvwrap import cli, store
+    name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+    with tempfile.TemporaryDirectory() as tmp:
+        rules_file = os.path.join(tmp, "doctor.yaml")
+        with open(rules_file, "w") as f:
+            f.write("tools:\n  - name: 'true'\n    cpus: 0.01\n    time: 5m\n")
+        env = dict(os.environ)
+        _, run_id = cli.new_run(["arv-wrap", "doctor"], options, env)
+        env.update(cli.activation_env([rules_file], whitelist.load([rules_file]),
+                                      {"backend": name}, run_id, env))
+        start = time.monotonic()
+        try:
+            done = subprocess.run([paths.CLIENT, "--exec", "true"], env=env, timeout=120,
+                                  stderr=subprocess.PIPE)
+        except subprocess.TimeoutExpired:
+            return False, f"a redirected `true` did not finish within 120 s on {name}"
+        took = (time.monotonic() - start) * 1000
+    jobs = [r for r in store.Store(paths.state_dir()).list(run=run_id) if r["kind"] == "job"]
+    if done.returncode != 0 or not jobs:
+        why = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        return False, f"a redirected `true` failed on {name}: {why}"
+    return True, (f"a redirected `true` ran as job {jobs[0]['id']} on {jobs[0]['backend']} "
+                  f"in {took:.0f} ms (dispatcher {paths.socket_path()})")
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ class Backend:
 
     def check(self):
         s = self.scheduler
-        return (f"local: {s.total_cpus / MILLI:g} CPUs, {s.total_memory // 2**20} MiB; "
-                f"{len(s.running)} running, {len(s.queue)} queued")
+        return (f"local: a budget of {s.total_cpus / MILLI:g} CPUs and "
+                f"{s.total_memory // 2**20} MiB (unless ARV_WRAP_LOCAL_* said otherwise when "
+                f"the dispatcher started)")
 
     def fit(self, job):
         """Apply on_oversize to a request larger than the budget; None if it fits."""
