@@ -118,6 +118,9 @@ def test_check_explains_the_decision_without_running(env):
     assert jobs(env) == []
     text = out("check", "--", "ls", env=env).stdout.decode()
     assert "runs locally" in text
+    env["ARV_WRAP_LOCAL_CPUS"] = "2"
+    text = out("check", "--", "step", "-t", "16", env=env).stdout.decode()
+    assert "note: larger than the local backend offers (16 CPUs > 2): clamped" in text
 
 
 def test_jobs_json_and_run_filter(env):

@@ -206,9 +206,34 @@ def cmd_check(options, argv):
     resolved = shutil.which(command[0]) if "/" not in command[0] else command[0]
     path = os.fsencode(os.path.abspath(resolved)) if resolved else None
     name = os.path.basename(os.fsencode(command[0]))
-    print(whitelist.describe(rules, argv_b, name, path,
-                             backend=options["backend"] or env.get("ARV_WRAP_BACKEND")))
+    backend = options["backend"] or env.get("ARV_WRAP_BACKEND")
+    print(whitelist.describe(rules, argv_b, name, path, backend=backend))
+    rule = rules.match(argv_b, name, path)
+    if rule:
+        note = oversize_note(rule, argv_b, backend, env)
+        if note:
+            print(f"note: {note}")
     return 0
+
+
+def oversize_note(rule, argv, backend, env):
+    """What on_oversize will do with a request larger than the backend offers."""
+    from arvwrap import backends
+    name = whitelist.choose_backend(rule, backend, env)
+    try:
+        most_cpus, most_memory = backends.load(name, backends.config_from_env(env).get(name, {})
+                                               ).largest()
+    except Exception as e:   # check must still answer when the backend cannot
+        return f"could not ask the {name} backend what it offers: {e}"
+    cpus, memory, _, _ = whitelist.resources(rule, argv)
+    over = [f"{cpus:g} CPUs > {most_cpus:g}"] if cpus > most_cpus else []
+    if memory and memory > most_memory:
+        over.append(f"{memory} bytes of memory > {most_memory}")
+    if not over:
+        return None
+    action = ("refused with exit 125" if rule.on_oversize == "refuse"
+              else "clamped to what it offers")
+    return f"larger than the {name} backend offers ({', '.join(over)}): {action} (on_oversize)"
 
 
 def cmd_jobs(options, argv):

@@ -48,11 +48,7 @@ class Dispatcher:
         self.store = store.Store(state_dir)
         self.rules = RuleCache()
         self.idle_timeout = float(env.get("ARV_WRAP_IDLE_TIMEOUT") or 120)
-        self.backend_config = {
-            "local": {"cpus": env.get("ARV_WRAP_LOCAL_CPUS"),
-                      "memory": env.get("ARV_WRAP_LOCAL_MEMORY")
-                      and whitelist.parse_memory(env["ARV_WRAP_LOCAL_MEMORY"])},
-        }
+        self.backend_config = backends.config_from_env(env)
         self.backends = {}
         self.jobs = {}             # id -> Job, while it is queued or running
         self.active = 0            # connections being served

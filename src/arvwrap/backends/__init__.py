@@ -3,6 +3,7 @@
     class Backend:
         name: str
         def check(self) -> str            # raise BackendError if it cannot answer
+        def largest(self) -> (cpus, memory)   # the most one job can get
         def run(self, job, started) -> Outcome
             # run job to its end; call started(backend_id) once it runs;
             # honour job.signal()/job.cancel() (job.wake_fd becomes readable)
@@ -17,6 +18,15 @@ class BackendError(Exception):
 
 
 KNOWN = {"local": "arvwrap.backends.local"}
+
+
+def config_from_env(env):
+    """Per-backend settings the user gives in the environment (read by the dispatcher
+    when it starts, and by `arv-wrap check` to predict it)."""
+    from arvwrap.whitelist import parse_memory
+    return {"local": {"cpus": env.get("ARV_WRAP_LOCAL_CPUS"),
+                      "memory": env.get("ARV_WRAP_LOCAL_MEMORY")
+                      and parse_memory(env["ARV_WRAP_LOCAL_MEMORY"])}}
 
 
 def load(name, config):

@@ -182,6 +182,9 @@ class Backend:
                 f"{s.total_memory // 2**20} MiB (unless ARV_WRAP_LOCAL_* said otherwise when "
                 f"the dispatcher started)")
 
+    def largest(self):
+        return self.scheduler.total_cpus / MILLI, self.scheduler.total_memory
+
     def fit(self, job):
         """Apply on_oversize to a request larger than the budget; None if it fits."""
         s = self.scheduler
