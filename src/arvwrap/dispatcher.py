@@ -215,9 +215,10 @@ class Dispatcher:
         return outcome
 
     def run_on(self, backend, job):
-        def started(backend_id):
-            self.store.update(job.id, state="running", backend_id=backend_id,
-                              started=store.now())
+        def started(backend_id, state="running"):
+            # a backend may give its id while the job still waits there (state "queued")
+            fields = {"started": store.now()} if state == "running" else {}
+            self.store.update(job.id, state=state, backend_id=backend_id, **fields)
         try:
             return backend.run(job, started)
         except Exception as e:

@@ -17,7 +17,7 @@ class BackendError(Exception):
     """The backend cannot take jobs at all (unknown, not installed, not answering)."""
 
 
-KNOWN = {"local": "arvwrap.backends.local"}
+KNOWN = {"local": "arvwrap.backends.local", "slurm": "arvwrap.backends.slurm"}
 
 
 def config_from_env(env):
