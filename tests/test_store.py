@@ -11,9 +11,10 @@ from arvwrap import store
 
 def test_records_round_trip_newest_first(tmp_path):
     db = store.Store(str(tmp_path / "s"))
-    first, second = store.new_id(), store.new_id()
+    first = store.new_id()
     db.insert({"id": first, "run": first, "kind": "run", "argv": [b"a", b"b c"], "state": "running"})
-    time.sleep(0.002)
+    time.sleep(0.002)   # ids order by their millisecond
+    second = store.new_id()
     db.insert({"id": second, "run": first, "parent": first, "kind": "job",
                "argv": [b"sort", b"\xff\xfe", b""], "cwd": b"/tmp", "state": "queued"})
     db.update(second, state="exited", exit_status=3, ended=store.now())
@@ -68,3 +69,14 @@ def test_a_killed_writer_leaves_a_readable_store(tmp_path):
     records = store.Store(state).list()
     assert len(records) > 50
     assert all(r["state"] in ("queued", "exited") for r in records)
+
+
+def test_a_removed_state_dir_is_recreated_by_a_long_lived_writer(tmp_path):
+    import shutil
+    state = str(tmp_path / "s")
+    db = store.Store(state)
+    db.insert({"id": store.new_id(), "argv": [], "state": "queued"})
+    shutil.rmtree(state)
+    job = store.new_id()
+    db.insert({"id": job, "argv": [], "state": "queued"})
+    assert [r["id"] for r in store.Store(state).list()] == [job]

@@ -66,17 +66,36 @@ class Store:
     """Thread-safe access to the records of one state dir."""
 
     def __init__(self, state_dir):
-        self.path = os.path.join(paths.private_dir(state_dir), "jobs.sqlite")
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, "jobs.sqlite")
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self):
+        paths.private_dir(self.state_dir)
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                    isolation_level=None)
+        self._inode = os.stat(self.path).st_ino
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run)")
+
+    def _current(self):
+        """The connection, reopened if the database file was removed or replaced
+        under this (long-lived) process, so new records are never written to a
+        file nobody can see any more."""
+        try:
+            same = os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._db.close()
+            self._open()
+        return self._db
 
     def close(self):
         with self._lock:
@@ -93,7 +112,7 @@ class Store:
         sql = (f"INSERT INTO jobs ({', '.join(names)}) "
                f"VALUES ({', '.join('?' for _ in names)})")
         with self._lock:
-            self._db.execute(sql, [record[name] for name in names])
+            self._current().execute(sql, [record[name] for name in names])
 
     def update(self, job_id, **fields):
         unknown = set(fields) - set(COLUMNS)
@@ -101,8 +120,8 @@ class Store:
             raise KeyError(f"unknown record fields: {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._lock:
-            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
-                             [*fields.values(), job_id])
+            self._current().execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                                    [*fields.values(), job_id])
 
     def get(self, job_id):
         rows = self.query("WHERE id = ?", [job_id])

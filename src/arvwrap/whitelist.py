@@ -707,8 +707,12 @@ def describe(whitelist: Whitelist, argv, name=None, path=None, backend=None,
         where = os.fsdecode(path) if path else "not found on PATH"
         lines.insert(0, f"{shown} ({where}): runs locally, no rule redirects it")
         return "\n".join(lines)
+    if path is None:
+        lines.insert(0, f"{shown} (not found on PATH): rule {rule.index} ({rule.where}) "
+                        f"matches, but the exec is left to fail as it would without arv-wrap")
+        return "\n".join(lines)
     cpus, memory, seconds, notes = resources(rule, argv)
-    lines.insert(0, f"{shown} ({os.fsdecode(path) if path else '?'}): redirected as a job "
+    lines.insert(0, f"{shown} ({os.fsdecode(path)}): redirected as a job "
                     f"by rule {rule.index} ({rule.where})")
     lines.append("command: " + shlex.join(os.fsdecode(a) for a in argv))
     lines.append(f"backend: {choose_backend(rule, backend, env)}")
