@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(gcc make bash coreutils findutils procps)
+# examples/align (tests/test_align.py): the real tools, and javac for its Java driver
+packages+=(bwa samtools bcftools openjdk-17-jdk-headless)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -16,6 +18,10 @@ if ((${#missing[@]})); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check '.[test]'
+# Snakemake, for examples/align/Snakefile (from PyPI; skipped when already there)
+python3 -c 'import snakemake' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check snakemake
+if command -v pyenv >/dev/null; then pyenv rehash; fi   # so `snakemake` is on PATH
 
 # A one-node Slurm cluster on loopback (installs Slurm and munge when missing).
 bash scripts/slurm-cluster.sh up
