@@ -1,9 +1,11 @@
 """Cost of the shim on execs it does not redirect.
 
 2000 fork+execs of /bin/true, from a C loop and from a bash loop, with no preload,
-with an empty libc-linked preload (the floor any preload pays) and with the shim
-holding the demo whitelist's rules (none match /bin/true). The three run in turn,
-round after round, so drift in the machine hits all of them alike.
+with an empty libc-linked preload (the floor any preload pays), with that empty
+preload plus the variables an activated pipeline carries (the floor for arv-wrap:
+a larger environment costs every exec a little), and with the shim holding the
+demo whitelist's rules (none match /bin/true). They run in turn, round after
+round, so drift in the machine hits all of them alike.
 
     python bench/bench_exec.py [--rounds 15] [--n 2000]
 """
@@ -16,19 +18,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import paths, whitelist  # noqa: E402
+from arvwrap import cli, store, whitelist  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def environments(empty):
-    rules = whitelist.load([os.path.join(ROOT, "whitelists", "demo.yaml")]).compiled
+    files = [os.path.join(ROOT, "whitelists", "demo.yaml")]
     base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
+    active = cli.activation_env(files, whitelist.load(files), {"backend": None},
+                                store.new_id(), base)
+    variables = {k: v for k, v in active.items() if k != "LD_PRELOAD"}
     return {
         "none": base,
         "empty preload": {**base, "LD_PRELOAD": empty},
-        "arv-wrap shim": {**base, "LD_PRELOAD": paths.SHIM, "ARV_WRAP_SHIM": paths.SHIM,
-                          "ARV_WRAP_RULES": rules},
+        "empty + vars": {**base, **variables, "LD_PRELOAD": empty},
+        "arv-wrap shim": {**base, **active},
     }
 
 

@@ -155,3 +155,24 @@ def test_dispatcher_socket_is_private_and_leaves_when_idle(tools, base_env, whit
 def arv_cmd():
     import sys
     return [sys.executable, "-m", "arvwrap"]
+
+
+def test_an_unknown_backend_fails_125_or_runs_locally_as_the_rule_says(tools, base_env,
+                                                                       whitelist_file):
+    write_tool(tools, "step", "echo ran\n")
+    strict = whitelist_file("tools:\n  - name: step\n", name="strict.yaml")
+    result = arv_wrap("-w", strict, "-b", "nosuch", "--", "step", env=base_env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert (result.returncode, result.stdout) == (125, b"")
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("arv-wrap: unknown backend 'nosuch'")
+    lenient = whitelist_file("on_backend_error: local\ntools:\n  - name: step\n",
+                             name="lenient.yaml")
+    result = arv_wrap("-w", lenient, "-b", "nosuch", "--", "step", env=base_env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ran\n", b"")
+    failed, ran = sorted((r for r in jobs(base_env) if r["kind"] == "job"),
+                         key=lambda r: r["state"] != "failed")
+    assert failed["state"] == "failed" and failed["backend"] == "nosuch"
+    assert ran["state"] == "exited" and ran["backend"] == "local"
+    assert "on_backend_error: local" in ran["reason"]

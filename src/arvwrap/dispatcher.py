@@ -190,19 +190,16 @@ class Dispatcher:
             return self.backends[name]
 
     def run_job(self, conn, job):
-        try:
-            backend = self.backend(job.backend)
-        except backends.BackendError as e:
-            backend, job.notes = None, [*job.notes, str(e)]
-            if job.on_backend_error != "local":
-                return Outcome("failed", reason=str(e), message=str(e))
         self.store.insert(job.record())
         with self.lock:
             self.jobs[job.id] = job
         threading.Thread(target=watch_caller, args=(conn, job), daemon=True).start()
         try:
-            outcome = self.run_on(backend, job) if backend else None
-            if outcome is None or self.falls_back(job, outcome):
+            try:
+                outcome = self.run_on(self.backend(job.backend), job)
+            except backends.BackendError as e:
+                outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
+            if self.falls_back(job, outcome):
                 job.backend = "local"
                 outcome = self.run_on(self.backend("local"), job)
         finally:
