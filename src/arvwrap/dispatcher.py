@@ -268,7 +268,8 @@ def reply_for(outcome):
     if outcome.state == "signaled":
         return f"signal {outcome.signal}" + (f" {outcome.message}" if outcome.message else "")
     if outcome.state == "cancelled":
-        return f"signal {outcome.caller_signal or 15} {outcome.message or 'job cancelled'}"
+        text = f" {outcome.message}" if outcome.message else ""
+        return f"signal {outcome.caller_signal or 15}{text}"
     return f"fail {outcome.message or outcome.reason or 'the job could not run'}"
 
 

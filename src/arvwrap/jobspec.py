@@ -116,6 +116,11 @@ class Job:
                 self.cancel_reason = reason
         self._wake()
 
+    def first_signal(self):
+        """The first signal forwarded and not yet taken, or None."""
+        with self._lock:
+            return self._signals[0] if self._signals else None
+
     def take_signals(self):
         with self._lock:
             pending, self._signals = self._signals, []

@@ -170,3 +170,17 @@ def test_stdin_none_gives_the_job_dev_null_and_leaves_the_callers_input(tmp_path
     os.close(out), os.close(w)
     assert outcome.exit_status == 0 and (tmp_path / "out").read_bytes() == b""
     assert os.read(r, 100) == b"for the caller\n"
+
+
+def test_ctrl_c_while_queued_ends_the_call_as_the_signal_would():
+    backend = local.Backend({"cpus": 1})
+    hog = Runner(backend, make_job(["sleep", "30"], cpus=1))
+    time.sleep(0.2)
+    queued = Runner(backend, make_job(["true"], cpus=1))
+    time.sleep(0.1)
+    queued.job.signal(signal.SIGINT)
+    outcome = queued.wait(5)
+    assert (outcome.state, outcome.caller_signal, outcome.message) == (
+        "cancelled", signal.SIGINT, None)
+    hog.job.cancel("test")
+    hog.wait(10)

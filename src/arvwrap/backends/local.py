@@ -131,7 +131,7 @@ class Scheduler:
             self.queue.append(claim)
             try:
                 while not self._admissible(claim):
-                    if claim.job.cancel_reason:
+                    if claim.job.cancel_reason or claim.job.first_signal():
                         return False
                     # a job with pipes re-checks now and then: a process joining it
                     # to a running job may appear without anything else happening
@@ -216,7 +216,7 @@ class Backend:
                 os.close(old)
         claim = Claim(job, job.cpus, job.memory)
         if not self.scheduler.acquire(claim):
-            return Outcome("cancelled", reason=job.cancel_reason)
+            return cancelled_while_queued(job)
         try:
             try:
                 pid = spawn(job)
@@ -226,6 +226,19 @@ class Backend:
             return supervise(job, pid)
         finally:
             self.scheduler.release(claim)
+
+
+def cancelled_while_queued(job):
+    """A job that never started: a caller's Ctrl-C (or other forwarded signal) ends
+    it as that signal would have ended the tool, silently; arv-wrap's own cancels
+    end the caller with SIGTERM and say why."""
+    signum = job.first_signal()
+    if signum and not job.cancel_reason:
+        return Outcome("cancelled", reason=f"signal {signum} from the caller while queued",
+                       caller_signal=signum)
+    return Outcome("cancelled", reason=job.cancel_reason, caller_signal=signal.SIGTERM,
+                   message=f"job {job.id} ({job.tool}) cancelled while queued: "
+                           f"{job.cancel_reason}")
 
 
 def spawn(job):
