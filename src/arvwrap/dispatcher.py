@@ -241,22 +241,10 @@ class Dispatcher:
 
 
 def watch_caller(conn, job):
-    """Forward the caller's `sig N` lines to the job; cancel it if the caller goes away."""
-    buffered = b""
-    while True:
-        try:
-            chunk = conn.recv(256)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            job.cancel("the redirected call went away")
-            return
-        buffered += chunk
-        while b"\n" in buffered:
-            line, buffered = buffered.split(b"\n", 1)
-            words = line.split()
-            if len(words) == 2 and words[0] == b"sig" and words[1].isdigit():
-                job.signal(int(words[1]))
+    """Forward the caller's signals to the job; cancel it if the caller goes away."""
+    for signum in protocol.ControlReader(conn):
+        job.signal(signum)
+    job.cancel("the redirected call went away")
 
 
 def reply_for(outcome):
