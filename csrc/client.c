@@ -3,6 +3,22 @@
  *
  *   arv-wrap-client --shim IDX RESOLVED [ARGV...]   hand the call to the dispatcher
  *   arv-wrap-client --exec CMD [ARGS...]            execvp(CMD) (the shim hooks it)
+ *   arv-wrap-client --relay ARGV0 PATH [ARGS...]     a Slurm task on the node (below)
+ *   arv-wrap-client --launch PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH [ARGS...]
+ *                                                    start srun for the Slurm backend
+ *
+ * --relay (srun runs it on the node, src/arvwrap/backends/slurm.py): connects fd 1
+ * and then fd 2 to ARV_WRAP_SLURM_HOST:ARV_WRAP_SLURM_PORT, each connection opened
+ * with "o<token>\n" / "e<token>\n" (ARV_WRAP_SLURM_TOKEN); gives PWD, SHLVL,
+ * ARV_WRAP_DISABLE and BASH_ENV back the caller's values (ARV_WRAP_SLURM_<NAME> is
+ * "=value", or absent when the caller had none; BASH_ENV is left alone when absent),
+ * removes every ARV_WRAP_SLURM_* variable, and execs PATH with argv ARGV0 ARGS... by a
+ * raw execve syscall. Its own failures: one "arv-wrap-relay: ..." line on the stderr
+ * it was given (srun's, read by the backend), status 125 (126/127 for an exec failure,
+ * also reported as "arv-wrap: PATH: ..." on the tool's stderr, the caller's).
+ * --launch (the dispatcher runs it in front of srun): PR_SET_PDEATHSIG SIGKILL (and
+ * exit 125 if the parent PPID is already gone), then each rlimit RES (its number)
+ * to SOFT:HARD ("u" for unlimited), then the umask (octal), then a raw execve of PATH.
  *
  * Contract (docs/internals.md, sections 3 and 4):
  *  - To the process that exec'd the tool, this program IS the tool: it exits with
@@ -40,7 +56,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <netdb.h>
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -84,7 +102,9 @@ static void say_parts(const char *const *parts)
 static _Noreturn void usage(void)
 {
     static const char msg[] = "usage: arv-wrap-client --shim IDX RESOLVED [ARGV...]"
-                              " | --exec CMD [ARGS...]\n";
+                              " | --exec CMD [ARGS...] | --relay ARGV0 PATH [ARGS...]"
+                              " | --launch PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH"
+                              " [ARGS...]\n";
     ssize_t n = write(2, msg, sizeof msg - 1);
     (void)n;
     _exit(2);
@@ -834,8 +854,198 @@ static _Noreturn void run_exec(char **cmd)
     _exit(exec_status(err));
 }
 
+/* ---------------------------------------------------------------- slurm: --relay, --launch */
+
+static int relay_err = 2;           /* srun's stderr, kept after fd 2 becomes the stream */
+
+/* One "arv-wrap-relay: <parts...>" line on srun's stderr, then exit with status. */
+static _Noreturn void relay_fail(int status, const char *a, const char *b, const char *c)
+{
+    const char *parts[] = {"arv-wrap-relay: ", a, b ? b : "", c ? c : "", "\n"};
+    struct iovec v[5];
+    for (int i = 0; i < 5; i++)
+        v[i] = (struct iovec){(void *)parts[i], strlen(parts[i])};
+    ssize_t r;
+    do r = writev(relay_err, v, 5); while (r < 0 && errno == EINTR);
+    _exit(status);
+}
+
+static int connect_retrying(int s, const struct sockaddr *addr, socklen_t len)
+{
+    if (connect(s, addr, len) == 0)
+        return 0;
+    if (errno != EINTR && errno != EINPROGRESS)
+        return -1;
+    struct pollfd p = {s, POLLOUT, 0};      /* interrupted: the connect goes on; wait for it */
+    while (poll(&p, 1, -1) < 0)
+        if (errno != EINTR)
+            return -1;
+    int err = 0;
+    socklen_t el = sizeof err;
+    if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
+        return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
+/* Connect a stream to the dispatcher, send "<kind><token>\n", make it fd target. */
+static void relay_stream(const char *host, const char *port, char kind, const char *token,
+                         int target)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV}, *res, *ai;
+    int rc = getaddrinfo(host, port, &hints, &res);
+    if (rc)
+        relay_fail(STATUS_ARVWRAP, "cannot connect to ", host, rc == EAI_SYSTEM
+                   ? strerror(errno) : gai_strerror(rc));
+    int s = -1, err = 0;
+    for (ai = res; ai; ai = ai->ai_next) {
+        s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (s >= 0 && connect_retrying(s, ai->ai_addr, ai->ai_addrlen) == 0)
+            break;
+        err = errno;
+        if (s >= 0)
+            close(s);
+        s = -1;
+    }
+    freeaddrinfo(res);
+    if (s < 0) {
+        char where[300];
+        snprintf(where, sizeof where, "%s:%s: ", host, port);
+        relay_fail(STATUS_ARVWRAP, "cannot connect to ", where, strerror(err));
+    }
+    size_t tl = strlen(token);
+    char *line = malloc(tl + 2);
+    if (!line)
+        relay_fail(STATUS_ARVWRAP, "out of memory", NULL, NULL);
+    line[0] = kind;
+    memcpy(line + 1, token, tl);
+    line[tl + 1] = '\n';
+    for (size_t off = 0; off < tl + 2;) {
+        ssize_t n = send(s, line + off, tl + 2 - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            relay_fail(STATUS_ARVWRAP, "cannot send the token: ", strerror(errno), NULL);
+        off += n;
+    }
+    free(line);
+    if (dup2(s, target) < 0)
+        relay_fail(STATUS_ARVWRAP, "dup2: ", strerror(errno), NULL);
+    close(s);
+}
+
+/* NAME gets the caller's value back from ARV_WRAP_SLURM_<saved>: "=value", or absent. */
+static void restore_var(const char *name, const char *saved, int unset_if_absent)
+{
+    const char *v = getenv(saved);
+    if (v && *v == '=')
+        setenv(name, v + 1, 1);
+    else if (unset_if_absent)
+        unsetenv(name);
+}
+
+static _Noreturn void run_relay(const char *argv0, const char *path, char **args)
+{
+    const char *host = getenv("ARV_WRAP_SLURM_HOST"), *port = getenv("ARV_WRAP_SLURM_PORT");
+    const char *token = getenv("ARV_WRAP_SLURM_TOKEN");
+    if (!host || !*host || !port || !*port || !token || !*token)
+        relay_fail(STATUS_ARVWRAP, "ARV_WRAP_SLURM_HOST, _PORT or _TOKEN is not set", NULL, NULL);
+    relay_err = fcntl(2, F_DUPFD_CLOEXEC, 3);
+    if (relay_err < 0)
+        relay_err = 2;
+    relay_stream(host, port, 'o', token, 1);
+    relay_stream(host, port, 'e', token, 2);
+    restore_var("PWD", "ARV_WRAP_SLURM_PWD", 1);
+    restore_var("SHLVL", "ARV_WRAP_SLURM_SHLVL", 1);
+    restore_var("ARV_WRAP_DISABLE", "ARV_WRAP_SLURM_DISABLE", 1);
+    restore_var("BASH_ENV", "ARV_WRAP_SLURM_BASH_ENV", 0);
+    for (size_t i = 0; environ[i];) {               /* every ARV_WRAP_SLURM_* goes */
+        if (!strncmp(environ[i], "ARV_WRAP_SLURM_", 15)) {
+            char name[256];
+            size_t n = strcspn(environ[i], "=");
+            if (n < sizeof name) {
+                memcpy(name, environ[i], n);
+                name[n] = 0;
+                unsetenv(name);
+                continue;
+            }
+        }
+        i++;
+    }
+    args[-1] = (char *)argv0;                       /* argv: ARGV0 ARGS... */
+    syscall(SYS_execve, path, args - 1, environ);
+    int err = errno;
+    say(path, ": ", strerror(err));                 /* the caller sees it on its stderr */
+    relay_fail(exec_status(err), path, ": ", strerror(err));
+}
+
+static int parse_limit(const char *s, rlim_t *out, const char **end)
+{
+    if (*s == 'u') {
+        *out = RLIM_INFINITY;
+        *end = s + 1;
+        return 0;
+    }
+    char *e;
+    errno = 0;
+    unsigned long long v = strtoull(s, &e, 10);
+    if (e == s || errno)
+        return -1;
+    *out = (rlim_t)v;
+    *end = e;
+    return 0;
+}
+
+static _Noreturn void run_launch(int argc, char **argv)
+{
+    /* argv: PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH [ARGS...] */
+    const char *end;
+    char *e;
+    long ppid = strtol(argv[0], &e, 10);
+    if (e == argv[0] || *e || ppid < 1 || ppid > INT_MAX)
+        usage();
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+        fail("PR_SET_PDEATHSIG: ", strerror(errno));
+    if (getppid() != (pid_t)ppid)
+        _exit(STATUS_ARVWRAP);                      /* the dispatcher is already gone */
+    int i = 1, mask = -1;
+    for (; i < argc && strcmp(argv[i], "--"); i += 2) {
+        if (i + 1 >= argc)
+            usage();
+        if (!strcmp(argv[i], "-u")) {
+            long m = strtol(argv[i + 1], &e, 8);
+            if (*e || m < 0 || m > 0777)
+                usage();
+            mask = (int)m;
+        } else if (!strcmp(argv[i], "-l")) {
+            struct rlimit rl;
+            long res = strtol(argv[i + 1], &e, 10);
+            end = e;
+            if (e == argv[i + 1] || res < 0 || res > 63 || *end != ':' || parse_limit(end + 1, &rl.rlim_cur, &end) || *end != ':'
+                || parse_limit(end + 1, &rl.rlim_max, &end) || *end)
+                usage();
+            if (setrlimit((int)res, &rl) < 0)
+                fail("cannot set resource limit ", argv[i + 1], " for srun: ", strerror(errno));
+        } else {
+            usage();
+        }
+    }
+    if (i + 1 >= argc)
+        usage();
+    if (mask >= 0)
+        umask(mask);
+    syscall(SYS_execve, argv[i + 1], argv + i + 1, environ);
+    int err = errno;
+    say(argv[i + 1], ": ", strerror(err));
+    _exit(exec_status(err));
+}
+
 int main(int argc, char **argv)
 {
+    if (argc >= 4 && !strcmp(argv[1], "--relay"))
+        run_relay(argv[2], argv[3], argv + 4);
+    if (argc >= 3 && !strcmp(argv[1], "--launch"))
+        run_launch(argc - 2, argv + 2);
     if (argc >= 4 && !strcmp(argv[1], "--shim"))
         run_shim(argv[2], argv[3], argv + 4);
     if (argc >= 3 && !strcmp(argv[1], "--exec"))

@@ -492,3 +492,241 @@ def test_client_usage_errors_exit_2(client, env, args):
     proc = subprocess.run([client, *args], env=env, capture_output=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith(b"usage: arv-wrap-client")
+
+
+# -- --relay: the Slurm task on the node ----------------------------------------------
+
+class RelayListener:
+    """Stands for the Slurm backend's TCP listener: records what each connection sends."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.received = []
+        self.readers = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                index = len(self.conns)
+                self.conns.append(conn)
+                self.received.append(b"")
+                reader = threading.Thread(target=self._read, args=(conn, index), daemon=True)
+                self.readers.append(reader)
+            reader.start()
+
+    def _read(self, conn, index):
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                self.received[index] += data
+
+    def close(self):
+        # wake accept() before the fd goes: a new listener could get the same fd number
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(5)
+        self.sock.close()
+        for conn, reader in zip(self.conns, self.readers):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            reader.join(5)
+            conn.close()
+
+
+@pytest.fixture
+def listener():
+    server = RelayListener()
+    yield server
+    server.close()
+
+
+def relay_env(env, listener, token="0123abcd", **extra):
+    env = dict(env, ARV_WRAP_SLURM_HOST="127.0.0.1", ARV_WRAP_SLURM_PORT=str(listener.port),
+               ARV_WRAP_SLURM_TOKEN=token)
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_client_relay_sends_tokens_and_carries_the_streams(client, env, listener):
+    script = "printf out; printf err >&2; exit 3"
+    proc = subprocess.run([client, "--relay", "sh", "/bin/sh", "-c", script],
+                          env=relay_env(env, listener), capture_output=True, timeout=10)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, b"", b"")
+    assert wait_for(lambda: listener.received == [b"o0123abcd\nout", b"e0123abcd\nerr"])
+
+
+def test_client_relay_execs_with_argv0_and_args_exactly(client, env, listener):
+    code = "import sys; sys.stdout.buffer.write(open('/proc/self/cmdline', 'rb').read())"
+    args = ["two words", "", "quote'\"", "new\nline", "-x"]
+    proc = subprocess.run([client, "--relay", "my argv0", sys.executable, "-S", "-c", code,
+                           *args], env=relay_env(env, listener), capture_output=True, timeout=10)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    expected = b"\0".join(a.encode() for a in ["my argv0", "-S", "-c", code, *args]) + b"\0"
+    assert wait_for(lambda: listener.received[:1] == [b"o0123abcd\n" + expected])
+
+
+def test_client_relay_gives_the_tool_the_callers_env(client, env, listener):
+    base = {"PATH": "/usr/bin:/bin", "KEEP": "kept"}
+    renv = relay_env(base, listener, ARV_WRAP_SLURM_PWD="=/caller dir",
+                     ARV_WRAP_SLURM_SHLVL="=007", ARV_WRAP_SLURM_DISABLE="=",
+                     ARV_WRAP_SLURM_BASH_ENV="=/some/rc", ARV_WRAP_SLURM_OTHER="x",
+                     PWD="/node", SHLVL="1", ARV_WRAP_DISABLE="1", BASH_ENV="/srun")
+    proc = subprocess.run([client, "--relay", "env", "/usr/bin/env", "-0"], env=renv,
+                          capture_output=True, timeout=10)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert wait_for(lambda: len(listener.received) == 2 and b"KEEP" in listener.received[0])
+    time.sleep(0.2)
+    head, body = listener.received[0].split(b"\n", 1)
+    assert head == b"o0123abcd"
+    # SHLVL exactly as the caller had it (no shell arithmetic), ARV_WRAP_SLURM_* all gone
+    assert sorted(body.split(b"\0")[:-1]) == sorted([
+        b"PATH=/usr/bin:/bin", b"KEEP=kept", b"PWD=/caller dir", b"SHLVL=007",
+        b"ARV_WRAP_DISABLE=", b"BASH_ENV=/some/rc"])
+
+
+def test_client_relay_argv0_is_exact(client, env, listener, tmp_path):
+    out = tmp_path / "cmdline"
+    proc = subprocess.run([client, "--relay", "custom-name", "/bin/sh", "-c",
+                           f"cat /proc/$$/cmdline > '{out}'"],
+                          env=relay_env(env, listener), capture_output=True, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes().split(b"\0")[:2] == [b"custom-name", b"-c"]
+
+
+def test_client_relay_unsets_what_the_caller_did_not_have(client, env, listener, tmp_path):
+    renv = relay_env({"PATH": "/usr/bin:/bin", "BASH_ENV": "/from/srun"}, listener,
+                     PWD="/node", SHLVL="4", ARV_WRAP_DISABLE="1")
+    proc = subprocess.run([client, "--relay", "env", "/usr/bin/env"], env=renv,
+                          capture_output=True, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert wait_for(lambda: len(listener.received) == 2 and b"BASH_ENV" in listener.received[0])
+    time.sleep(0.2)
+    lines = set(listener.received[0].split(b"\n", 1)[1].decode().splitlines())
+    # BASH_ENV stays as srun gave it when the caller's is not saved
+    assert lines == {"PATH=/usr/bin:/bin", "BASH_ENV=/from/srun"}
+
+
+@pytest.mark.parametrize("make, status, why", [
+    (None, 127, "No such file or directory"),
+    ("noexec", 126, "Permission denied"),
+])
+def test_client_relay_exec_failure(client, env, listener, tmp_path, make, status, why):
+    tool = tmp_path / "tool"
+    if make:
+        tool.write_text("#!/bin/sh\n")
+    proc = subprocess.run([client, "--relay", "tool", str(tool)], env=relay_env(env, listener),
+                          capture_output=True, timeout=10)
+    assert proc.returncode == status
+    assert proc.stdout == b""
+    assert proc.stderr == f"arv-wrap-relay: {tool}: {why}\n".encode()
+    # the caller sees it too, on the tool's stderr
+    expected = f"e0123abcd\narv-wrap: {tool}: {why}\n".encode()
+    assert wait_for(lambda: expected in listener.received), listener.received
+
+
+def test_client_relay_cannot_connect_is_125_and_one_line(client, env):
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()                                   # nobody listens there
+    renv = dict(env, ARV_WRAP_SLURM_HOST="127.0.0.1", ARV_WRAP_SLURM_PORT=str(port),
+                ARV_WRAP_SLURM_TOKEN="t")
+    proc = subprocess.run([client, "--relay", "true", "/bin/true"], env=renv,
+                          capture_output=True, timeout=10)
+    assert (proc.returncode, proc.stdout) == (125, b"")
+    assert proc.stderr == (f"arv-wrap-relay: cannot connect to 127.0.0.1:{port}: "
+                           "Connection refused\n").encode()
+
+
+def test_client_relay_without_its_variables_is_125(client, env):
+    proc = subprocess.run([client, "--relay", "true", "/bin/true"], env=env,
+                          capture_output=True, timeout=10)
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"arv-wrap-relay: ") and proc.stderr.count(b"\n") == 1
+
+
+# -- --launch: what the Slurm backend puts in front of srun ----------------------------
+
+def launch(client, env, *opts, cmd, **kw):
+    return subprocess.run([client, "--launch", str(os.getpid()), *opts, "--", *cmd], env=env,
+                          capture_output=True, timeout=10, **kw)
+
+
+def test_client_launch_sets_limits_and_umask(client, env):
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = min(nofile[0], 321)
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    core_soft = 0 if core[1] != resource.RLIM_INFINITY else 4096
+    cmd = ["/bin/sh", "-c", "umask; ulimit -Sn; ulimit -Hn; ulimit -Sc"]
+    proc = launch(client, env, "-u", "27", "-l", f"{resource.RLIMIT_NOFILE}:{soft}:{soft}",
+                  "-l", f"{resource.RLIMIT_CORE}:{core_soft // 512 * 512}:"
+                  f"{'u' if core[1] == resource.RLIM_INFINITY else core[1]}", cmd=cmd)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().split()
+    assert lines[:3] == ["0027", str(soft), str(soft)]
+    assert int(lines[3]) * 1024 == core_soft // 512 * 512 or int(lines[3]) * 512 == core_soft
+
+
+def test_client_launch_sets_pdeathsig_and_keeps_argv_env(client, env):
+    proc = launch(client, dict(env, LAUNCH_VAR="v"), cmd=[
+        "/usr/bin/python3", "-S", "-c",
+        "import ctypes, signal, sys, os; libc = ctypes.CDLL(None); s = ctypes.c_int(); "
+        "libc.prctl(2, ctypes.byref(s)); print(s.value, sys.argv[1:], os.environ['LAUNCH_VAR'])",
+        "a b", ""])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"{int(signal.SIGKILL)} ['a b', ''] v\n"
+
+
+def test_client_launch_child_dies_with_its_parent(client, env, tmp_path):
+    pidfile = tmp_path / "pid"
+    # a middle process starts the launcher, then exits: the launched sleep must die too
+    middle = (f"import os, subprocess, time; p = subprocess.Popen(['{client}', '--launch', "
+              f"str(os.getpid()), '--', '/bin/sh', '-c', 'echo $$ > {pidfile}; exec sleep 60']); "
+              f"time.sleep(1)")
+    subprocess.run([sys.executable, "-S", "-c", middle], env=env, timeout=20)
+    pid = int(pidfile.read_text())
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}")
+                    or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z")
+
+
+def test_client_launch_gone_parent_and_exec_failure(client, env):
+    proc = subprocess.run([client, "--launch", "1", "--", "/bin/true"], env=env,
+                          capture_output=True, timeout=10)
+    assert proc.returncode == 125           # its parent is not pid 1: the parent is gone
+    proc = launch(client, env, cmd=["/no/such/srun"])
+    assert proc.returncode == 127
+    assert proc.stderr == b"arv-wrap: /no/such/srun: No such file or directory\n"
+
+
+@pytest.mark.parametrize("opts", [[], ["-u", "9"], ["-l", "7"], ["-l", "7:1"], ["-l", "x:1:1"],
+                                  ["-z", "1"]])
+def test_client_launch_usage_errors_exit_2(client, env, opts):
+    proc = subprocess.run([client, "--launch", str(os.getpid()), *opts, "--"], env=env,
+                          capture_output=True, timeout=10)
+    assert proc.returncode == 2 and proc.stderr.startswith(b"usage: arv-wrap-client")

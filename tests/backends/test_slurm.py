@@ -176,6 +176,45 @@ def test_argv_cwd_env_umask_and_rlimits(env, tmp_path):
     assert lines["job"] == record["id"] and lines["slurm"] == record["backend_id"]
 
 
+def test_the_relay_gives_back_exactly_the_callers_env(env):
+    add_rules(env, "  - name: env\n")
+    # the caller of the redirected `env` has no SHLVL and no PWD, and an odd SHLVL-like text
+    result = arv_wrap("--", "env", "-i", "A=1", "BASH_FUNC_f%%=() {  echo  x\n}",
+                      "ARV_WRAP_DISABLE=", "env", env=env, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    lines = [v for v in result.stdout.decode().split("\n")
+             if v and not v.startswith(("SLURM_", "SLURMD_", " ", "}"))]
+    assert sorted(lines) == ["A=1", "ARV_WRAP_DISABLE=", "BASH_FUNC_f%%=() {  echo  x"]
+    assert "BASH_FUNC_f%%=() {  echo  x\n}\n" in result.stdout.decode()
+    assert [r["backend"] for r in job_records(env)] == ["slurm"]
+
+
+def test_a_node_that_cannot_run_the_relay_is_a_clear_failure():
+    from types import SimpleNamespace
+    from arvwrap import paths
+    from arvwrap.backends import slurm
+    job = SimpleNamespace(tool="bwa", id="01J", fds={})
+    live = slurm.Live(SimpleNamespace(timeout=20), job, None, None, None)
+    for line in ["srun: jobid 77: nodes(1):`vm', cpu counts: 1(x1)",
+                 f"slurmstepd-vm: error: execve(): {paths.CLIENT}: No such file or directory",
+                 "srun: launch/slurm: _task_finish: Received task exit notification for 1 task "
+                 "of StepId=77.0 (status=0x0200)."]:
+        live.attempt.read(line)
+    outcome = live.outcome(0, None, False)
+    assert outcome.state == "failed" and outcome.exit_status is None
+    assert outcome.message.startswith("job 77 (bwa): the node cannot run arv-wrap's relay (")
+    # the tool's own exec failure stays the tool's status
+    live = slurm.Live(SimpleNamespace(timeout=20), job, None, None, None)
+    for line in ["srun: jobid 78: nodes(1):`vm', cpu counts: 1(x1)",
+                 "arv-wrap-relay: /x/bwa: No such file or directory",
+                 "srun: launch/slurm: _task_finish: Received task exit notification for 1 task "
+                 "of StepId=78.0 (status=0x7f00)."]:
+        live.attempt.read(line)
+    outcome = live.outcome(0, None, False)
+    assert (outcome.state, outcome.exit_status) == ("exited", 127)
+
+
 # -- stdin --------------------------------------------------------------------------
 
 def test_a_tool_that_reads_stdin_gets_all_of_it(env):

@@ -2,19 +2,23 @@
 
 Shape of one job
 ----------------
-The dispatcher starts ``srun -v -N1 -n1 ... /bin/bash -c RELAY argv0 path args...``
-as its own child, in a session of its own, with the caller's umask and resource
-limits (srun carries both to the task) and the job's environment minus every
+The dispatcher starts ``arv-wrap-client --launch ... -- srun -v -N1 -n1 ...
+arv-wrap-client --relay argv0 path args...`` as its own child, in a session of its
+own; the launcher (csrc/client.c) makes srun die with the dispatcher
+(PR_SET_PDEATHSIG), gives it the caller's umask and resource limits (srun carries
+both to the task) and execs it. srun gets the job's environment minus every
 ``SLURM_*``/``SBATCH_*``/``SALLOC_*``/``SRUN_*`` variable (so a job started from
 inside another job is a new job, not a step of that allocation).
 
 Slurm 22.05 line-buffers a task's output unless ``srun -u``, which runs the task on
 a pseudo-terminal (the tool would see a tty, and its stderr is lost). So the
-task's stdout and stderr do not go through srun at all: RELAY, a few lines of bash
-on the node, connects its fd 1 and fd 2 to a TCP listener of this backend (each
-connection opened with a one-time secret token passed in the environment, never in
-argv), restores PWD, SHLVL and ARV_WRAP_DISABLE as the caller had them, and execs
-the tool with its own argv[0] (srun and the relay run with ARV_WRAP_DISABLE=1, so in
+task's stdout and stderr do not go through srun at all: the relay (the client
+binary's --relay mode, at paths.CLIENT, which the shared filesystem makes visible on
+the nodes like the tools themselves) connects its fd 1 and fd 2 to a TCP listener of
+this backend (each connection opened with a one-time secret token passed in the
+environment, never in argv), restores PWD, SHLVL, ARV_WRAP_DISABLE and BASH_ENV as
+the caller had them, and execs the tool with its own argv[0] by a raw execve syscall
+(srun and the relay run with ARV_WRAP_DISABLE=1, so in
 a nested job, whose environment preloads the shim, the job's own command is not
 redirected again). The dispatcher copies each connection to the caller's own fd 1 and
 fd 2: live to the byte, binary exact, separate, and nothing of Slurm's in them.
@@ -70,31 +74,6 @@ GONE_POLLS = 3           # polls without its job in squeue before an srun is end
 ENV_DROP = (b"SLURM_", b"SBATCH_", b"SALLOC_", b"SRUN_")
 DESCRIPTOR_ARG = re.compile(rb"/dev/fd/\d|/proc/self/fd/\d|/proc/\d+/fd/\d")
 
-# Runs on the node as `bash -c RELAY argv0 path args...`. It never prints to the
-# task's streams; its own failures go to srun's stderr, where the backend reads them.
-RELAY = r'''
-set +vx
-h=$ARV_WRAP_SLURM_HOST p=$ARV_WRAP_SLURM_PORT t=$ARV_WRAP_SLURM_TOKEN
-unset ARV_WRAP_SLURM_HOST ARV_WRAP_SLURM_PORT ARV_WRAP_SLURM_TOKEN
-exec 1<>"/dev/tcp/$h/$p" || { echo "arv-wrap-relay: cannot connect to $h:$p" >&2; exit 125; }
-printf 'o%s\n' "$t" || exit 125
-exec 2<>"/dev/tcp/$h/$p" || { echo "arv-wrap-relay: cannot connect to $h:$p" >&2; exit 125; }
-printf 'e%s\n' "$t" >&2 || exit 125
-case ${ARV_WRAP_SLURM_PWD-u} in u) unset PWD ;; *) export PWD="${ARV_WRAP_SLURM_PWD#=}" ;; esac
-# bash's exec lowers SHLVL by one (and sets it to 0 when unset): give it one more
-case ${ARV_WRAP_SLURM_SHLVL-u} in
-    u) unset SHLVL ;;
-    =|=*[!0-9]*) export SHLVL="${ARV_WRAP_SLURM_SHLVL#=}" ;;
-    *) export SHLVL=$((10#${ARV_WRAP_SLURM_SHLVL#=} + 1)) ;;
-esac
-case ${ARV_WRAP_SLURM_DISABLE-u} in u) unset ARV_WRAP_DISABLE ;; *) export ARV_WRAP_DISABLE="${ARV_WRAP_SLURM_DISABLE#=}" ;; esac
-case ${ARV_WRAP_SLURM_BASH_ENV-u} in u) ;; *) export BASH_ENV="${ARV_WRAP_SLURM_BASH_ENV#=}" ;; esac
-unset ARV_WRAP_SLURM_PWD ARV_WRAP_SLURM_SHLVL ARV_WRAP_SLURM_DISABLE ARV_WRAP_SLURM_BASH_ENV h p t
-p=$1
-shift
-exec -a "$0" "$p" "$@"
-'''
-
 # srun -v lines (its own, on its stderr)
 RE_QUEUED = re.compile(r"^srun: job (\d+) queued and waiting for resources")
 RE_ALLOCATED = re.compile(r"^srun: (?:jobid (\d+): nodes|job (\d+) has been allocated resources)")
@@ -109,6 +88,7 @@ RE_CONTROLLER = re.compile(r"Unable to contact slurm controller|Slurm controller
                            r"Unable to establish Slurm connection", re.I)
 RE_ERROR = re.compile(r"^(?:srun|slurmstepd[-\w]*): error: (.*)")
 RE_RELAY = re.compile(r"^arv-wrap-relay: (.*)")
+RE_EXEC_FAILED = re.compile(r"execve\(\): (.*)")
 
 RLIMIT_NAMES = {getattr(resource, f"RLIMIT_{n.upper()}"): n for n in (
     "as", "core", "cpu", "data", "fsize", "memlock", "msgqueue", "nice", "nofile", "nproc",
@@ -451,6 +431,7 @@ class Attempt:
         self.refused = None
         self.controller = None
         self.relay_error = None
+        self.no_relay = None         # the node could not run the relay (not on a shared fs?)
         self.errors = []
 
     def read(self, line):
@@ -485,6 +466,9 @@ class Attempt:
         m = RE_ERROR.match(line)
         if m:
             self.errors.append(m.group(1).strip())
+            failed = RE_EXEC_FAILED.match(m.group(1))
+            if failed and failed.group(1).startswith(paths.CLIENT + ":"):
+                self.no_relay = failed.group(1).strip()
 
 
 class Backend:
@@ -501,9 +485,9 @@ class Backend:
             if path is None:
                 raise BackendError(f"slurm: {tool} is not installed (not on PATH)")
             self.tools[tool] = path
-        self.bash = "/bin/bash"
-        self.setpriv = shutil.which("setpriv")
-        self.prlimit = shutil.which("prlimit")
+        # the relay on the nodes and the launcher in front of srun (the shared
+        # filesystem makes this path valid on the nodes too)
+        self.client = paths.CLIENT
         self.bind_host = os.environ.get("ARV_WRAP_SLURM_LISTEN") or "0.0.0.0"
         self.advertise = os.environ.get("ARV_WRAP_SLURM_HOST") or _own_address()
         # the dispatcher's state dir, as the client computed it from the same environment
@@ -694,7 +678,7 @@ class Backend:
         args.append(b"--chdir=" + job.cwd)
         if job.stdin == "none" or 0 not in job.fds:
             args.append("--input=none")
-        args += [self.bash, "-c", RELAY, job.argv[0] if job.argv else job.path, job.path,
+        args += [self.client, "--relay", job.argv[0] if job.argv else job.path, job.path,
                  *job.argv[1:]]
         return [os.fsencode(a) for a in args]
 
@@ -710,22 +694,21 @@ class Backend:
         # a nested job's environment preloads the shim: srun and the relay must not
         # redirect the job's own command again (the shim reads this when it loads;
         # the relay gives the tool the caller's value back)
-        if b"BASH_ENV" in env:       # the relay's bash must not source the caller's file
+        if b"BASH_ENV" in env:       # no shell Slurm starts first (a task prolog) sources it
             env[b"ARV_WRAP_SLURM_BASH_ENV"] = b"=" + env.pop(b"BASH_ENV")
         if b"ARV_WRAP_DISABLE" in job.env:
             env[b"ARV_WRAP_SLURM_DISABLE"] = b"=" + job.env[b"ARV_WRAP_DISABLE"]
         env[b"ARV_WRAP_DISABLE"] = b"1"
         return env
 
-    def wrappers(self, rlimits):
-        """setpriv (die with the dispatcher) and prlimit (the caller's limits where they
-        differ from ours) in front of srun, as far as they are installed."""
-        out = [self.setpriv, "--pdeathsig", "KILL", "--"] if self.setpriv else []
-        changes = []
+    def launcher(self, rlimits, umask):
+        """The client's --launch in front of srun: it dies with the dispatcher
+        (PR_SET_PDEATHSIG), and gets the caller's umask and limits where they differ
+        from ours (srun carries both to the task)."""
+        out = [self.client, "--launch", str(os.getpid()), "-u", format(umask & 0o777, "o")]
         root = os.geteuid() == 0
         for res, soft, hard in rlimits:
-            name = RLIMIT_NAMES.get(res)
-            if name is None:
+            if res not in RLIMIT_NAMES:
                 continue
             try:
                 ours = resource.getrlimit(res)
@@ -737,10 +720,8 @@ class Backend:
                 hard = ours[1]          # an unprivileged process cannot raise its hard limit
             if _above(soft, hard):
                 soft = hard
-            changes.append(f"--{name}={_limit(soft)}:{_limit(hard)}")
-        if changes and self.prlimit:
-            out += [self.prlimit, *changes, "--"]
-        return out
+            out += ["-l", f"{res}:{_limit(soft)}:{_limit(hard)}"]
+        return out + ["--"]
 
     # -- Slurm commands --
     def _run(self, tool, args, timeout, counter):
@@ -979,6 +960,10 @@ class Live:
             text = f"signal {why[1]} before the job started"
             return Outcome("cancelled", reason=text, caller_signal=why[1],
                            message=f"{label} cancelled: {text}")
+        if a.no_relay:
+            text = (f"{label}: the node cannot run arv-wrap's relay ({a.no_relay}); "
+                    f"it must be at the same path on the nodes (a shared filesystem)")
+            return Outcome("failed", reason=text, message=text)
         if a.wait_status is None:
             if a.refused or (not a.slurm_id and a.errors):
                 reasons = [e.split("Unable to allocate resources: ", 1)[-1] for e in a.errors]
@@ -1018,14 +1003,16 @@ class Live:
         return Outcome("signaled", signal=signum, reason=text, message=text)
 
     def spawn(self, argv, env, err_w):
-        """Start srun in a session of its own with the caller's umask and rlimits; it is
-        killed if the dispatcher dies (setpriv --pdeathsig). posix_spawn/vfork through
+        """Start srun in a session of its own with the caller's umask and rlimits, killed
+        if the dispatcher dies: the client's --launch sets all three and execs srun (one
+        small exec, instead of setpriv and prlimit). posix_spawn/vfork through
         subprocess: a fork of the dispatcher costs ~3 ms, this ~0.2 ms."""
         stdin = self.spool.feed_r if self.spool is not None else self.stdin_fd
-        proc = subprocess.Popen(self.backend.wrappers(self.job.rlimits) + argv, env=env,
+        launcher = self.backend.launcher(self.job.rlimits, self.job.umask)
+        proc = subprocess.Popen(launcher + argv, env=env,
                                 stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err_w,
-                                start_new_session=True, umask=self.job.umask)
+                                start_new_session=True)
         proc.returncode = 0      # we reap it ourselves; keep Popen's __del__ quiet
         return proc.pid
 
@@ -1046,7 +1033,7 @@ def _above(a, b):
 
 
 def _limit(value):
-    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+    return "u" if value == resource.RLIM_INFINITY else str(value)
 
 
 def hold_until_input(job, fd):
