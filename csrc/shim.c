@@ -13,7 +13,7 @@
  *    execve/execveat are raw syscalls and PATH search is done here, mirroring
  *    glibc 2.36's execvpe so errno on failure is glibc's.  Only posix_spawn*,
  *    which run in the parent, look the real function up (once, lazily).
- *  - Transparency.  errno is restored before every pass-through; a call is
+ *  - Transparency.  errno is the caller's at every pass-through; a call is
  *    redirected only when its program resolves to an executable regular file,
  *    otherwise the real exec runs and fails exactly as without arv-wrap.
  *  - Env repair.  Programs that rebuild the environment (`env -i`, runners
@@ -23,7 +23,12 @@
  *  - ARV_WRAP_DISABLE=1 in the process's environment at load, or in an exec's
  *    envp, passes that exec through untouched (no repair).  Without
  *    ARV_WRAP_RULES or ARV_WRAP_SHIM, everything passes through untouched.
- *  - Cheap load: the constructor only scans environ once.
+ *  - Cheap load and cheap pass-through: the constructor only scans environ
+ *    once, and neither it nor a non-matching exec calls into libc (no lazy
+ *    PLT binding, no write to the shim's data in a fork child): the string
+ *    functions below are the shim's own (hidden, also used by match.c) and
+ *    syscalls are made inline.  Only cold paths (errno on failure, dlsym,
+ *    strerrordesc_np) reach libc.
  *  - Only the hooks are exported (-fvisibility=hidden elsewhere).
  *
  * Requirements and the tests that prove them (tests/test_shim.py):
@@ -82,22 +87,193 @@ static struct {
     const char *rules;          /* value of ARV_WRAP_RULES */
     const char *shim;           /* value of ARV_WRAP_SHIM */
     size_t shim_len;
-    char client[PATH_MAX];      /* dirname(shim) + "/arv-wrap-client" */
+    size_t dir_len;             /* of dirname(shim): the client is dir + CLIENT */
     const char *keep[MAX_KEEP]; /* "ARV_WRAP_*=..." entries */
     int nkeep;
+    /* Copies of the ARV_WRAP_* entries: a process may overwrite its original
+     * environment area (setproctitle does), so keep our own.  Last, right
+     * after the fields above, so the constructor dirties as few pages as it can. */
+    size_t arena_used;
+    char arena[ARENA_SIZE];
 } g;
 
-/* Copies of the ARV_WRAP_* entries: a process may overwrite its original
- * environment area (setproctitle does), so keep our own. */
-static char arena[ARENA_SIZE];
-static size_t arena_used;
+#define CLIENT "/arv-wrap-client"
+#define CLIENT_LEN (sizeof CLIENT - 1)
+
+/* ------------------------------------------------------------------ */
+/* string functions and syscalls without libc                           */
+
+/* The shim's own string functions, under libc's names but hidden: every call
+ * in the shim and in match.c (and any the compiler emits) binds to these at
+ * link time, so the constructor and the exec hooks never go through the PLT.
+ * A lazily bound libc call costs a symbol lookup in every process the shim is
+ * loaded in, and in every fork child that execs, and writes the GOT page there.
+ * The strings involved are short: plain loops do.  (-fno-builtin and
+ * -fno-tree-loop-distribute-patterns keep gcc from turning them back into calls.) */
+#define OWN __attribute__((visibility("hidden")))
+
+OWN void *memcpy(void *restrict dst, const void *restrict src, size_t n)
+{
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+OWN void *memset(void *dst, int c, size_t n)
+{
+    unsigned char *d = dst;
+    while (n--)
+        *d++ = (unsigned char)c;
+    return dst;
+}
+
+OWN int memcmp(const void *a, const void *b, size_t n)
+{
+    const unsigned char *x = a, *y = b;
+    for (; n; n--, x++, y++)
+        if (*x != *y)
+            return *x - *y;
+    return 0;
+}
+
+OWN size_t strlen(const char *s)
+{
+    const char *p = s;
+    while (*p)
+        p++;
+    return (size_t)(p - s);
+}
+
+OWN size_t strnlen(const char *s, size_t max)
+{
+    size_t n = 0;
+    while (n < max && s[n])
+        n++;
+    return n;
+}
+
+OWN char *strchrnul(const char *s, int c)
+{
+    while (*s && *s != (char)c)
+        s++;
+    return (char *)s;
+}
+
+OWN char *strchr(const char *s, int c)
+{
+    s = strchrnul(s, c);
+    return *s == (char)c ? (char *)s : NULL;
+}
+
+OWN char *strrchr(const char *s, int c)
+{
+    const char *last = NULL;
+    do {
+        if (*s == (char)c)
+            last = s;
+    } while (*s++);
+    return (char *)last;
+}
+
+OWN int strncmp(const char *a, const char *b, size_t n)
+{
+    for (; n; n--, a++, b++)
+        if (*a != *b || !*a)
+            return (unsigned char)*a - (unsigned char)*b;
+    return 0;
+}
+
+OWN int strcmp(const char *a, const char *b)
+{
+    for (; *a == *b && *a; a++, b++)
+        ;
+    return (unsigned char)*a - (unsigned char)*b;
+}
+
+OWN size_t strcspn(const char *s, const char *reject)
+{
+    size_t n = 0;
+    for (; s[n]; n++)
+        for (const char *r = reject; *r; r++)
+            if (s[n] == *r)
+                return n;
+    return n;
+}
+
+/* A raw syscall: the result, or -errno; errno is left alone. */
+static long raw6(long nr, long a, long b, long c, long d, long e, long f)
+{
+#if defined(__x86_64__)
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    register long r9 __asm__("r9") = f;
+    long ret;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "0"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+#elif defined(__aarch64__)
+    register long x8 __asm__("x8") = nr;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    register long x4 __asm__("x4") = e;
+    register long x5 __asm__("x5") = f;
+    __asm__ volatile("svc 0"
+                     : "+r"(x0)
+                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
+                     : "memory");
+    return x0;
+#else
+    int save = errno;
+    long ret = syscall(nr, a, b, c, d, e, f);
+    if (ret == -1)
+        ret = -errno;
+    errno = save;
+    return ret;
+#endif
+}
+
+#define RAW(nr, a, b, c, d, e) \
+    raw6((nr), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
+
+/* As libc's syscall(): -1 with errno set on failure. */
+static long sys5(long nr, long a, long b, long c, long d, long e)
+{
+    long ret = raw6(nr, a, b, c, d, e, 0);
+    if (ret < 0 && ret > -4096) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
+
+/* fstatat(2): 0, or -errno; errno is left alone. */
+static int raw_fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+#ifdef SYS_newfstatat
+    return (int)RAW(SYS_newfstatat, dirfd, path, st, flags, 0);
+#else
+    int save = errno;
+    int ret = fstatat(dirfd, path, st, flags) == 0 ? 0 : -errno;
+    errno = save;
+    return ret;
+#endif
+}
 
 /* ------------------------------------------------------------------ */
 /* small vfork-safe helpers (string functions and syscalls only)       */
 
 static int starts_with(const char *s, const char *prefix)
 {
-    return strncmp(s, prefix, strlen(prefix)) == 0;
+    for (; *prefix; s++, prefix++)
+        if (*s != *prefix)
+            return 0;
+    return 1;
 }
 
 /* Length of an environment entry's name (up to '=' or the end). */
@@ -148,7 +324,7 @@ static int append(char *buf, size_t size, size_t *len, const char *s, size_t n)
 
 static long sys_execve(const char *path, char *const argv[], char *const envp[])
 {
-    return syscall(SYS_execve, path, argv, envp);
+    return sys5(SYS_execve, (long)path, (long)argv, (long)envp, 0, 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -156,18 +332,18 @@ static long sys_execve(const char *path, char *const argv[], char *const envp[])
 
 static const char *remember(const char *entry)
 {
-    size_t n = strlen(entry) + 1;
-    if (arena_used + n > sizeof arena)
-        return entry;
-    char *copy = memcpy(arena + arena_used, entry, n);
-    arena_used += n;
-    return copy;
+    char *copy = g.arena + g.arena_used, *d = copy;
+    const char *s = entry;
+    for (size_t room = sizeof g.arena - g.arena_used; room; room--)   /* one pass */
+        if ((*d++ = *s++) == '\0') {
+            g.arena_used += (size_t)(d - copy);
+            return copy;
+        }
+    return entry;               /* does not fit (the partial copy is unused) */
 }
 
 __attribute__((constructor)) static void arvwrap_init(void)
 {
-    const char *slash;
-
     for (char **e = environ; e && *e; e++) {
         if (!starts_with(*e, "ARV_WRAP_"))
             continue;
@@ -184,12 +360,18 @@ __attribute__((constructor)) static void arvwrap_init(void)
     if (!g.rules || !g.shim || g.shim[0] != '/')
         return;
     g.shim_len = strlen(g.shim);
-    slash = strrchr(g.shim, '/');
-    size_t dir = (size_t)(slash - g.shim), len = 0;
-    if (append(g.client, sizeof g.client, &len, g.shim, dir) < 0 ||
-        append(g.client, sizeof g.client, &len, "/arv-wrap-client", 16) < 0)
+    g.dir_len = (size_t)(strrchr(g.shim, '/') - g.shim);
+    if (g.dir_len + CLIENT_LEN >= PATH_MAX)
         return;
     g.active = 1;
+}
+
+/* dirname(shim) + "/arv-wrap-client" into buf[PATH_MAX] (it fits: see above). */
+static char *client_path(char *buf)
+{
+    memcpy(buf, g.shim, g.dir_len);
+    memcpy(buf + g.dir_len, CLIENT, CLIENT_LEN + 1);
+    return buf;
 }
 
 /* ------------------------------------------------------------------ */
@@ -310,7 +492,8 @@ static int real_execvpe(const struct call *c, char *const envp[])
 
 static int real_execveat(const struct call *c, char *const envp[])
 {
-    return (int)syscall(SYS_execveat, c->dirfd, c->file, c->argv, envp, c->flags);
+    return (int)sys5(SYS_execveat, c->dirfd, (long)c->file, (long)c->argv, (long)envp,
+                     c->flags);
 }
 
 /* "/proc/self/fd/<fd>" into buf. */
@@ -334,12 +517,12 @@ static int real_fexecve(const struct call *c, char *const envp[])
         errno = EINVAL;
         return -1;
     }
-    syscall(SYS_execveat, c->dirfd, "", c->argv, envp, AT_EMPTY_PATH);
+    sys5(SYS_execveat, c->dirfd, (long)"", (long)c->argv, (long)envp, AT_EMPTY_PATH);
     if (errno != ENOSYS)
         return -1;
     sys_execve(fd_path(buf, c->dirfd), c->argv, envp);
     int save = errno;
-    if (stat("/proc/self/fd", &st) != 0 && errno == ENOENT)
+    if (raw_fstatat(AT_FDCWD, "/proc/self/fd", &st, 0) == -ENOENT)
         save = ENOSYS;
     errno = save;
     return -1;
@@ -385,8 +568,7 @@ static int launch_exec(const struct call *c, const char *prog, char *const argv[
                        char *const envp[])
 {
     (void)c;
-    sys_execve(prog, argv, envp);
-    return errno;
+    return (int)-RAW(SYS_execve, prog, argv, envp, 0, 0);
 }
 
 static int launch_spawn(const struct call *c, const char *prog, char *const argv[],
@@ -439,7 +621,7 @@ static int absolute(const char *path, char *buf, size_t size)
     if (path[0] == '/')
         return join(buf, size, "/", path);
     /* raw getcwd: glibc's falls back to opendir/malloc for long paths */
-    if (syscall(SYS_getcwd, cwd, sizeof cwd) < 0 || cwd[0] != '/')
+    if (RAW(SYS_getcwd, cwd, sizeof cwd, 0, 0, 0) < 0 || cwd[0] != '/')
         return -1;
     return join(buf, size, cwd, path);
 }
@@ -447,7 +629,8 @@ static int absolute(const char *path, char *buf, size_t size)
 static int executable_file(const char *path)
 {
     struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode) && access(path, X_OK) == 0;
+    return raw_fstatat(AT_FDCWD, path, &st, 0) == 0 && S_ISREG(st.st_mode) &&
+           RAW(SYS_faccessat, AT_FDCWD, path, X_OK, 0, 0) == 0;
 }
 
 static int resolve_path(const struct call *c, char *buf, size_t size)
@@ -496,7 +679,7 @@ static int fd_target(int fd, char *buf, size_t size)
     char link[32];
     if (fd < 0)
         return -1;
-    ssize_t n = readlink(fd_path(link, fd), buf, size - 1);
+    long n = RAW(SYS_readlinkat, AT_FDCWD, fd_path(link, fd), buf, size - 1, 0);
     if (n <= 0 || buf[0] != '/')
         return -1;
     buf[n] = '\0';
@@ -518,7 +701,7 @@ static int resolve_at(const struct call *c, char *buf, size_t size)
     if (c->file[0] == '\0')
         return (c->flags & AT_EMPTY_PATH) ? fd_target(c->dirfd, buf, size) : -1;
     if ((c->flags & AT_SYMLINK_NOFOLLOW) &&
-        (fstatat(c->dirfd, c->file, &st, AT_SYMLINK_NOFOLLOW) != 0 || S_ISLNK(st.st_mode)))
+        (raw_fstatat(c->dirfd, c->file, &st, AT_SYMLINK_NOFOLLOW) != 0 || S_ISLNK(st.st_mode)))
         return -1;              /* the kernel will refuse it (ELOOP) */
     if (c->file[0] == '/' || c->dirfd == AT_FDCWD)
         return absolute(c->file, buf, size);
@@ -563,12 +746,12 @@ static void warn_client(int err)
     if (!desc)
         desc = decimal(num, sizeof num, err);
     append(line, sizeof line, &len, "arv-wrap: cannot run ", 21);
-    append(line, sizeof line, &len, g.client, strlen(g.client));
+    char client[PATH_MAX];
+    append(line, sizeof line, &len, client_path(client), g.dir_len + CLIENT_LEN);
     append(line, sizeof line, &len, ": ", 2);
     append(line, sizeof line, &len, desc, strlen(desc));
     append(line, sizeof line, &len, "\n", 1);
-    ssize_t ignored = write(2, line, len);
-    (void)ignored;
+    RAW(SYS_write, 2, line, len, 0, 0);
 }
 
 /* Start the client for rule with [client, --shim, rule, abs, argv...]. */
@@ -581,12 +764,13 @@ static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
     while (c->argv[argc])
         argc++;
     char *argv[argc + 5];
-    argv[0] = g.client;
+    char client[PATH_MAX];
+    argv[0] = client_path(client);
     argv[1] = (char *)"--shim";
     argv[2] = decimal(num, sizeof num, rule);
     argv[3] = abs;
     memcpy(argv + 4, c->argv, (argc + 1) * sizeof *argv);
-    return launch(c, g.client, argv, envp);
+    return launch(c, argv[0], argv, envp);
 }
 
 /* ------------------------------------------------------------------ */
@@ -699,9 +883,10 @@ static int fall_back(const struct call *c, real_fn real, char *const envp[], int
     return ret;
 }
 
+/* errno is read only on the way to a redirect: up to there nothing changes it
+ * (raw syscalls only), so a pass-through sees the caller's errno as is. */
 static int intercept(const struct call *c, real_fn real, resolve_fn resolve, launch_fn launch)
 {
-    int saved = errno;
     struct envscan s;
 
     if (!g.active || !c->file || !c->argv || !c->argv[0] || !c->envp)
@@ -724,12 +909,12 @@ static int intercept(const struct call *c, real_fn real, resolve_fn resolve, lau
     char abs[PATH_MAX];
     int rule = decide(c, resolve, abs, sizeof abs);
     if (rule >= 0) {
+        int saved = errno;      /* the real posix_spawn may change it */
         int err = redirect(c, launch, rule, abs, envp);
         if (err == 0)
             return 0;           /* spawned (an exec does not come back) */
         return fall_back(c, real, envp, err, saved);
     }
-    errno = saved;
     return real(c, envp);
 }
 
