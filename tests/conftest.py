@@ -68,6 +68,19 @@ def jobs(env, run=None):
     return json.loads(out)
 
 
+def wrapped(env, script, **kwargs):
+    """Run a bash pipeline under arv-wrap, capturing its output, stdin from /dev/null."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return arv_wrap("--", "bash", "-c", script, env=env, **kwargs)
+
+
+def job_records(env):
+    """The records of redirected calls (not of runs), newest first."""
+    return [r for r in jobs(env) if r["kind"] == "job"]
+
+
 def write_tool(directory, name, body):
     """An executable stand-in tool (a shell script) in directory."""
     path = os.path.join(directory, name)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import arv_wrap, jobs, write_tool
+from conftest import arv_wrap, job_records, wrapped, write_tool
 
 WHITELIST = """
 tools:
@@ -42,17 +42,6 @@ def env(tools, base_env, whitelist_file):
     write_tool(tools, "probe", PROBE)
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file(WHITELIST)
     return base_env
-
-
-def wrapped(env, script, **kwargs):
-    """Run a bash pipeline under arv-wrap."""
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    kwargs.setdefault("stderr", subprocess.PIPE)
-    return arv_wrap("--", "bash", "-c", script, env=env, **kwargs)
-
-
-def job_records(env):
-    return [r for r in jobs(env) if r["kind"] == "job"]
 
 
 def test_exit_statuses_are_exact(env):

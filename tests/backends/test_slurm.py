@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import arv_wrap, jobs, need, write_tool
+from conftest import arv_wrap, job_records, need, wrapped, write_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
@@ -70,17 +70,6 @@ def env(cluster, tools, base_env, whitelist_file):
 def add_rules(env, text):
     with open(env["ARV_WRAP_WHITELIST"], "a") as f:
         f.write(text)
-
-
-def wrapped(env, script, **kwargs):
-    kwargs.setdefault("stdout", subprocess.PIPE)
-    kwargs.setdefault("stderr", subprocess.PIPE)
-    kwargs.setdefault("stdin", subprocess.DEVNULL)
-    return arv_wrap("--", "bash", "-c", script, env=env, **kwargs)
-
-
-def job_records(env):
-    return [r for r in jobs(env) if r["kind"] == "job"]
 
 
 def in_squeue(job_ids):
