@@ -160,6 +160,24 @@ class Job:
         self.cwd_fd = None
 
 
+def on_oversize(job, too_big, offerer):
+    """The rule's on_oversize for a request larger than a backend offers.
+
+    too_big lists (key, what was asked, what is offered) as text. Returns the
+    refusal Outcome, or None after noting each clamp on the job (the backend then
+    lowers the values it knows how to)."""
+    if not too_big:
+        return None
+    if job.on_oversize == "refuse":
+        what = " and ".join(need for _, need, _ in too_big)
+        return Outcome("failed", reason="oversize",
+                       message=f"{job.tool} asks for {what}, more than {offerer} offers "
+                               f"(on_oversize: refuse)")
+    for key, need, have in too_big:
+        job.notes.append(f"{key} clamped from {need} to {have}, the most {offerer} offers")
+    return None
+
+
 def final_fields(outcome):
     """Record fields for an outcome."""
     return {"state": outcome.state, "exit_status": outcome.exit_status,

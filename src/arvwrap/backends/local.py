@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 
-from arvwrap.jobspec import Outcome
+from arvwrap.jobspec import Outcome, on_oversize
 
 KILL_GRACE = 5.0   # seconds between SIGTERM and SIGKILL when arv-wrap ends a job
 MILLI = 1000       # CPUs are counted in thousandths
@@ -190,18 +190,12 @@ class Backend:
         s = self.scheduler
         too_big = []
         if round(job.cpus * MILLI) > s.total_cpus:
-            too_big.append(("cpus", f"{job.cpus:g} CPUs", f"{s.total_cpus / MILLI:g}"))
+            too_big.append(("cpus", f"{job.cpus:g} CPUs", f"{s.total_cpus / MILLI:g} CPUs"))
         if (job.memory or 0) > s.total_memory:
-            too_big.append(("memory", f"{job.memory} bytes of memory", f"{s.total_memory}"))
-        if not too_big:
-            return None
-        if job.on_oversize == "refuse":
-            what = " and ".join(need for _, need, _ in too_big)
-            return Outcome("failed", reason="oversize",
-                           message=f"{job.tool} asks for {what}, more than the local "
-                                   f"backend has (on_oversize: refuse)")
-        for key, need, have in too_big:
-            job.notes.append(f"{key} clamped from {need} to the local budget {have}")
+            too_big.append(("memory", f"{job.memory} bytes of memory", f"{s.total_memory} bytes"))
+        refused = on_oversize(job, too_big, "the local backend")
+        if refused or not too_big:
+            return refused
         job.cpus = min(job.cpus, s.total_cpus / MILLI)
         job.memory = min(job.memory or 0, s.total_memory) or None
         return None

@@ -62,7 +62,7 @@ import time
 
 from arvwrap import paths
 from arvwrap.backends import BackendError
-from arvwrap.jobspec import Outcome
+from arvwrap.jobspec import Outcome, on_oversize
 
 MIB = 1 << 20
 KILL_GRACE = 10.0        # s between SIGTERM and SIGKILL of an srun that must end
@@ -588,16 +588,10 @@ class Backend:
                             f"{big['memory'] // MIB} MiB"))
         if job.time_limit and big["time"] and job.time_limit > big["time"]:
             too_big.append(("time", f"a time limit of {job.time_limit}s", f"{big['time']}s"))
-        if not too_big:
-            return None
         where = f"partition {partition}" if partition else "the cluster"
-        if job.on_oversize == "refuse":
-            what = " and ".join(need for _, need, _ in too_big)
-            return Outcome("failed", reason="oversize",
-                           message=f"{job.tool} asks for {what}, more than the largest node of "
-                                   f"{where} offers (on_oversize: refuse)")
-        for key, need, have in too_big:
-            job.notes.append(f"{key} clamped from {need} to {have}, the largest of {where}")
+        refused = on_oversize(job, too_big, f"the largest node of {where}")
+        if refused or not too_big:
+            return refused
         job.cpus = min(job.cpus, big["cpus"])
         if job.memory:
             job.memory = min(job.memory, big["memory"])
