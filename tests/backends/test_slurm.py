@@ -126,6 +126,15 @@ def test_a_signal_death_is_the_callers_death(env):
     assert (record["state"], record["signal"]) == ("signaled", 15)
 
 
+def test_a_cwd_named_like_a_slurm_message_is_not_read_as_one(env, tmp_path):
+    # srun -v echoes its --chdir among its options; only its own messages count
+    work = tmp_path / "srun: error: exceeded memory limit"
+    work.mkdir()
+    result = wrapped(env, "probe kill KILL; echo status=$?", cwd=str(work))
+    assert result.stdout == b"status=137\n"
+    assert b"arv-wrap" not in result.stderr and b"memory" not in result.stderr
+
+
 def test_binary_stdout_and_stderr_are_exact_and_separate(env, tmp_path):
     out, err = tmp_path / "out.bin", tmp_path / "err.bin"
     out.write_bytes(os.urandom(3 << 20) + b"no newline at the end")

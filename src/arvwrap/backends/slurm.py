@@ -433,8 +433,14 @@ class Attempt:
         self.relay_error = None
         self.no_relay = None         # the node could not run the relay (not on a shared fs?)
         self.errors = []
+        self.in_options = False      # inside srun -v's echo of its options
 
     def read(self, line):
+        # srun -v first echoes its options, the job's cwd and name among them: never
+        # read those as messages (a directory named like one must not fake a status)
+        if self.in_options or line == "srun: defined options":
+            self.in_options = line != "srun: end of defined options"
+            return
         m = RE_QUEUED.match(line)
         if m:
             self.slurm_id = self.slurm_id or m.group(1)
@@ -855,10 +861,10 @@ class Live:
         term_at = kill_at = None
         why = None                 # arv-wrap's reason for ending the job
         steered = False
-        watch = [err_r, job.wake_fd, pidfd]
+        watch = Poller([err_r, job.wake_fd, pidfd])
         try:
             while True:
-                ready, _, _ = _select(watch, 1.0)
+                ready = watch.poll(1.0)
                 if err_r in ready:
                     try:
                         chunk = os.read(err_r, 1 << 16)
@@ -870,7 +876,7 @@ class Live:
                         for line in lines:
                             attempt.read(line.decode("utf-8", "replace"))
                     else:
-                        watch.remove(err_r)   # srun closed its stderr: it is ending
+                        watch.forget(err_r)   # srun closed its stderr: it is ending
                         ready.append(pidfd)
                 if attempt.slurm_id and not self.registered:
                     self.registered = True
@@ -1117,19 +1123,29 @@ def _signal_of(wait_status):
     return None
 
 
+class Poller:
+    """The descriptors of fds that are readable or hung up, by poll (no 1024 limit)."""
+
+    def __init__(self, fds):
+        self.poller = select.poll()
+        for fd in fds:
+            self.poller.register(fd, select.POLLIN | select.POLLPRI)
+
+    def forget(self, fd):
+        self.poller.unregister(fd)
+
+    def poll(self, timeout=None):
+        ms = None if timeout is None else max(0, int(timeout * 1000))
+        while True:
+            try:
+                return [fd for fd, _ in self.poller.poll(ms)]
+            except InterruptedError:
+                continue
+
+
 def _select(fds, timeout=None):
-    """([readable or hung-up fds], [], []) like select.select, but with poll (no 1024 limit)."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN | select.POLLPRI)
-    ms = None if timeout is None else max(0, int(timeout * 1000))
-    while True:
-        try:
-            events = poller.poll(ms)
-            break
-        except InterruptedError:
-            continue
-    return [fd for fd, _ in events], [], []
+    """([readable or hung-up fds], [], []) like select.select."""
+    return Poller(fds).poll(timeout), [], []
 
 
 def _reap(pid, pidfd):
