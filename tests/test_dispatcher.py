@@ -1,9 +1,12 @@
 """The dispatcher's policy, through the real shim, client and local backend."""
 import datetime
 import os
+import signal
 import subprocess
 import threading
 import time
+
+import pytest
 
 from arvwrap import paths
 from conftest import arv_wrap, jobs, write_tool
@@ -104,6 +107,50 @@ def test_arv_wrap_cancel_kills_the_job_and_the_caller_dies_of_it(tools, base_env
     assert proc.stderr.read().decode().count("arv-wrap:") == 1
     [record] = [r for r in jobs(base_env) if r["id"] == running[0]["id"]]
     assert record["state"] == "cancelled"
+
+
+def dispatcher_pids(env):
+    sock = paths.socket_path(env)
+    out = subprocess.run(["pgrep", "-f", f"arvwrap.dispatcher --socket {sock}"],
+                         stdout=subprocess.PIPE, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def wait_running(env, count=1):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        running = [r for r in jobs(env) if r["kind"] == "job" and r["state"] == "running"]
+        if len(running) >= count:
+            return running
+        time.sleep(0.1)
+    raise AssertionError("the jobs never ran")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stopped_dispatcher_cancels_its_jobs_answers_their_callers_and_leaves(
+        tools, base_env, whitelist_file, signum):
+    write_tool(tools, "slow", "exec sleep 4219\n")
+    rules = whitelist_file("tools:\n  - name: slow\n    cpus: 1\n")
+    base_env["ARV_WRAP_LOCAL_CPUS"] = "1"      # the second call waits in the queue
+    script = "slow & slow; echo fg=$?; wait $!; echo bg=$?"
+    proc = subprocess.Popen([*arv_cmd(), "-w", rules, "--", "bash", "-c", script],
+                            env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_running(base_env)
+    time.sleep(0.5)
+    [pid] = dispatcher_pids(base_env)
+    os.kill(pid, signum)
+    assert proc.wait(15) == 0
+    assert proc.stdout.read() == b"fg=143\nbg=143\n"    # both died of SIGTERM
+    lines = [line for line in proc.stderr.read().decode().splitlines() if "arv-wrap:" in line]
+    assert len(lines) == 2 and all("dispatcher was stopped" in line for line in lines)
+    assert not subprocess.run(["pgrep", "-f", "sleep 4219"], stdout=subprocess.PIPE).stdout
+    assert not os.path.exists(paths.socket_path(base_env))
+    deadline = time.monotonic() + 5
+    while dispatcher_pids(base_env) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not dispatcher_pids(base_env)
+    records = [r for r in jobs(base_env) if r["kind"] == "job"]
+    assert [r["state"] for r in records] == ["cancelled", "cancelled"]
 
 
 def test_records_name_their_run_and_parent(tools, base_env, whitelist_file):

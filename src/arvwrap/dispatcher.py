@@ -8,11 +8,15 @@ status or the signal the caller must die of. A thread serves each connection; a
 second thread per connection reads the caller's forwarded signals and notices
 when the caller dies (its socket closes), which cancels the job.
 
-It is started on first use by the client and leaves when idle.
+It is started on first use by the client and leaves when idle. SIGTERM, SIGINT or
+SIGHUP stop it cleanly: no new calls, every job cancelled (so no Slurm job outlives
+it) and its caller answered, the socket removed.
 """
 import argparse
 import logging
 import os
+import select
+import signal
 import socket
 import sys
 import threading
@@ -23,6 +27,7 @@ from arvwrap.jobspec import Job, Outcome, final_fields, job_environment
 
 log = logging.getLogger("arvwrap.dispatcher")
 CANCEL_MAGIC = b"AWC1"   # `arv-wrap cancel`: AWC1 + job id + newline; answer "ok" or "unknown"
+STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
 
 
 class RuleCache:
@@ -52,22 +57,41 @@ class Dispatcher:
         self.backends = {}
         self.jobs = {}             # id -> Job, while it is queued or running
         self.active = 0            # connections being served
+        self.stop_signal = None    # the signal that asked the dispatcher to stop
+        self.stopping = None       # then the reason its jobs are cancelled
         self.last_activity = time.monotonic()
         self.lock = threading.Lock()
 
     # -- serving --
     def serve(self, listener):
         self.sock_ino = os.stat(self.sock_path).st_ino
-        listener.settimeout(1.0)
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
+        listener.setblocking(False)
+        wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        poller = select.poll()
+        for fd in (listener.fileno(), wake_r):
+            poller.register(fd, select.POLLIN)
+        while self.stop_signal is None:
+            if not poller.poll(1000):
                 if self._idle():
                     self._leave(listener)
                     return
                 continue
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            conn.setblocking(True)
             self._start(conn)
+        self._stop(listener)
+
+    def on_signal(self, signum, _frame=None):
+        """SIGTERM, SIGINT, SIGHUP: only note it; the serving loop stops (the handler
+        may interrupt the main thread anywhere, even holding self.lock)."""
+        self.stop_signal = signum
+        try:
+            os.write(self.wake_w, b"x")
+        except (AttributeError, OSError):
+            pass
 
     def _start(self, conn):
         with self.lock:
@@ -80,22 +104,46 @@ class Dispatcher:
             return (self.active == 0 and not self.jobs
                     and time.monotonic() - self.last_activity > self.idle_timeout)
 
-    def _leave(self, listener):
-        """Unlink first (new clients start a new dispatcher), then serve what already queued."""
+    def _unlink(self):
+        """Remove the socket if it is still ours: new clients start a new dispatcher."""
         try:
-            if os.stat(self.sock_path).st_ino == self.sock_ino:   # still ours
+            if os.stat(self.sock_path).st_ino == self.sock_ino:
                 os.unlink(self.sock_path)
         except OSError:
             pass
-        listener.setblocking(False)
+
+    def _serve_backlog(self, listener):
+        """Take the calls that connected before the socket was unlinked."""
         while True:
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, OSError):
-                break
+                return
             conn.setblocking(True)
             self._start(conn)
+
+    def _leave(self, listener):
+        """Unlink first, then serve what already queued."""
+        self._unlink()
+        self._serve_backlog(listener)
         while self.active:
+            time.sleep(0.05)
+        listener.close()
+
+    def _stop(self, listener):
+        """Cancel every job (queued ones too), wait (bounded) until every caller has
+        its answer, and leave."""
+        reason = f"the arv-wrap dispatcher was stopped ({signal.Signals(self.stop_signal).name})"
+        log.info("%s", reason)
+        self._unlink()
+        with self.lock:
+            self.stopping = reason
+            running = list(self.jobs.values())
+        for job in running:
+            job.cancel(reason)
+        self._serve_backlog(listener)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         listener.close()
 
@@ -193,6 +241,8 @@ class Dispatcher:
         self.store.insert(job.record())
         with self.lock:
             self.jobs[job.id] = job
+            if self.stopping:
+                job.cancel(self.stopping)
         threading.Thread(target=watch_caller, args=(conn, job), daemon=True).start()
         try:
             try:
@@ -287,7 +337,10 @@ def main(argv=None):
     if listener is None:
         return 0
     log.info("dispatcher up on %s", args.socket)
-    Dispatcher(args.socket, state).serve(listener)
+    dispatcher = Dispatcher(args.socket, state)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, dispatcher.on_signal)
+    dispatcher.serve(listener)
     log.info("dispatcher idle, leaving")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from arvwrap import paths
 from conftest import arv_wrap, job_records, need, wrapped, write_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,6 +302,24 @@ def test_arv_wrap_cancel_cancels_the_slurm_job(env):
     assert proc.wait(15) == -signal.SIGTERM
     assert proc.stderr.read().decode().count("arv-wrap:") == 1
     assert wait_for(lambda: not in_squeue([record["id"]]), 5)
+    [final] = job_records(env)
+    assert final["state"] == "cancelled"
+
+
+def test_a_stopped_dispatcher_leaves_no_slurm_job_behind(env):
+    proc = subprocess.Popen([sys.executable, "-m", "arvwrap", "--", "probe", "sleep", "4244"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    record = running_job(env)
+    sock = paths.socket_path(env)
+    out = subprocess.run(["pgrep", "-f", f"arvwrap.dispatcher --socket {sock}"],
+                         stdout=subprocess.PIPE, text=True).stdout
+    os.kill(int(out.split()[0]), signal.SIGTERM)
+    start = time.monotonic()
+    assert wait_for(lambda: not in_squeue([record["id"]]), 5), in_squeue([record["id"]])
+    assert time.monotonic() - start < 5
+    assert proc.wait(15) == -signal.SIGTERM
+    assert "dispatcher was stopped" in proc.stderr.read().decode()
     [final] = job_records(env)
     assert final["state"] == "cancelled"
 
