@@ -80,3 +80,17 @@ def test_a_removed_state_dir_is_recreated_by_a_long_lived_writer(tmp_path):
     job = store.new_id()
     db.insert({"id": job, "argv": [], "state": "queued"})
     assert [r["id"] for r in store.Store(state).list()] == [job]
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    # the dispatcher and `arv-wrap jobs` may create the same database together
+    opener = ("import sys; from arvwrap import store; s = store.Store(sys.argv[1]); "
+              "s.insert({'id': store.new_id(), 'kind': 'job', 'state': 'queued'}); "
+              "print(len(s.list()) > 0)")
+    for attempt in range(20):
+        state = str(tmp_path / f"s{attempt}")
+        procs = [subprocess.Popen([sys.executable, "-c", opener, state], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(8)]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err for _, err in results if err]
+        assert len(store.Store(state).list()) == 8

@@ -78,7 +78,20 @@ class Store:
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                    isolation_level=None)
         self._inode = os.stat(self.path).st_ino
-        self._db.execute("PRAGMA journal_mode=WAL")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._prepare()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _prepare(self):
+        """WAL mode and the schema. While another process creates the same database,
+        SQLite refuses the mode change at once, without its busy timeout: _open retries."""
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
