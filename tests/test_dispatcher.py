@@ -134,12 +134,17 @@ def test_a_stopped_dispatcher_cancels_its_jobs_answers_their_callers_and_leaves(
     base_env["ARV_WRAP_LOCAL_CPUS"] = "1"      # the second call waits in the queue
     script = "slow & slow; echo fg=$?; wait $!; echo bg=$?"
     proc = subprocess.Popen([*arv_cmd(), "-w", rules, "--", "bash", "-c", script],
-                            env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_running(base_env)
-    time.sleep(0.5)
-    [pid] = dispatcher_pids(base_env)
-    os.kill(pid, signum)
-    assert proc.wait(15) == 0
+                            env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_running(base_env)
+        time.sleep(0.5)
+        [pid] = dispatcher_pids(base_env)
+        os.kill(pid, signum)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.stdout.read() == b"fg=143\nbg=143\n"    # both died of SIGTERM
     lines = [line for line in proc.stderr.read().decode().splitlines() if "arv-wrap:" in line]
     assert len(lines) == 2 and all("dispatcher was stopped" in line for line in lines)
