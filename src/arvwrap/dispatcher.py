@@ -341,7 +341,7 @@ def main(argv=None):
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, dispatcher.on_signal)
     dispatcher.serve(listener)
-    log.info("dispatcher idle, leaving")
+    log.info("dispatcher leaving")
     return 0
 
 
