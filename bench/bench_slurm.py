@@ -78,7 +78,8 @@ def wrappers(tmp, log):
         real = subprocess.run(["bash", "-c", f"command -v {name}"], stdout=subprocess.PIPE,
                               text=True).stdout.strip()
         with open(os.path.join(bin_dir, name), "w") as f:
-            f.write(f"#!/bin/sh\necho \"{name} $(date +%s.%N)\" >> '{log}'\nexec {real} \"$@\"\n")
+            f.write(f"#!/bin/sh\necho \"{name} $(date +%s.%N) $1 $2\" >> '{log}'\n"
+                    f"exec {real} \"$@\"\n")
         os.chmod(os.path.join(bin_dir, name), 0o755)
     return bin_dir
 
@@ -142,7 +143,9 @@ def many(tmp, args):
     stamps = collections.defaultdict(list)
     with open(log) as f:
         for line in f:
-            name, stamp = line.split()
+            name, stamp, *words = line.split()
+            if name == "scontrol" and words[:2] in (["show", "config"], ["ping"]):
+                name = "scontrol-config"     # asks about the cluster, not about jobs
             counts[name] += 1
             stamps[name].append(float(stamp))
     status = counts["squeue"] + counts["sacct"] + counts["scontrol"]
@@ -155,7 +158,8 @@ def many(tmp, args):
     print(f"  status queries          {status:5d}   {status / elapsed:6.2f} /s   "
           f"(most in any 1 s: {busiest}; squeue {counts['squeue']}, scontrol "
           f"{counts['scontrol']}, sacct {counts['sacct']})")
-    print(f"  other                   sinfo {counts['sinfo']}, scancel {counts['scancel']}")
+    print(f"  other                   sinfo {counts['sinfo']}, scontrol show config/ping "
+          f"{counts['scontrol-config']}, scancel {counts['scancel']}")
     print(f"  dispatcher RSS          peak {peak / 1024:.1f} MiB, after {idle_rss / 1024:.1f} MiB")
 
 

@@ -424,3 +424,24 @@ def test_a_nested_job_submits_new_jobs_that_name_it_as_parent(env, tools):
     seen = [line.split("=", 1)[1] for line in result.stdout.decode().splitlines()
             if line.startswith("slurm=")]
     assert sorted(seen) == sorted(r["backend_id"] for r in inner)
+
+
+# -- where the nodes connect ------------------------------------------------------------
+
+def test_the_controller_address_is_read_from_scontrol_show_config():
+    from arvwrap.backends import slurm
+    assert slurm.controller_address("SlurmctldHost[0]        = vm(10.0.0.5)\n"
+                                    "SlurmctldPort           = 6817\n") == ("10.0.0.5", 6817)
+    assert slurm.controller_address("SlurmctldHost[0] = ctl01\nSlurmctldPort = 7000-7003\n"
+                                    ) == ("ctl01", 7000)
+    assert slurm.controller_address("ClusterName = x\n") is None
+
+
+def test_the_nodes_are_told_this_hosts_address_on_the_route_to_the_controller(cluster):
+    from arvwrap.backends import slurm
+    assert slurm.route_address("127.0.0.1", 6817) == "127.0.0.1"
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                            timeout=30).stdout
+    host, port = slurm.controller_address(config)
+    backend = slurm.Backend({})
+    assert backend.own_address() == slurm.route_address(host, port)

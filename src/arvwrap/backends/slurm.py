@@ -495,7 +495,8 @@ class Backend:
         # filesystem makes this path valid on the nodes too)
         self.client = paths.CLIENT
         self.bind_host = os.environ.get("ARV_WRAP_SLURM_LISTEN") or "0.0.0.0"
-        self.advertise = os.environ.get("ARV_WRAP_SLURM_HOST") or _own_address()
+        self.advertise = os.environ.get("ARV_WRAP_SLURM_HOST")   # else found with the relay
+        self._relay_lock = threading.Lock()
         # the dispatcher's state dir, as the client computed it from the same environment
         self.spool_dir = os.path.join(config.get("state_dir") or paths.state_dir(), "spool")
         self.counters = Counters()
@@ -659,10 +660,22 @@ class Backend:
         return os.dup(fd), None
 
     def relay_for(self):
-        with self.lock:
+        with self._relay_lock:
             if self.relay is None:
-                self.relay = Relay(self.bind_host, self.advertise)
+                self.relay = Relay(self.bind_host, self.advertise or self.own_address())
             return self.relay
+
+    def own_address(self):
+        """Where the nodes reach this host: its address on the route to the controller.
+        Its name is only the fallback: Debian maps a host's own name to 127.0.1.1,
+        which would send every node to itself."""
+        try:
+            out = self._run("scontrol", ["show", "config"], timeout=min(self.timeout, 5),
+                            counter="other_queries")
+            controller = controller_address(out.stdout)
+        except (subprocess.TimeoutExpired, OSError):
+            controller = None
+        return (controller and route_address(*controller)) or _name_address()
 
     def srun_argv(self, job, name):
         args = [self.tools["srun"], "-v", "-N1", "-n1", f"--job-name={name}",
@@ -1017,7 +1030,28 @@ class Live:
         return proc.pid
 
 
-def _own_address():
+def controller_address(config):
+    """(host, port) of the primary controller in `scontrol show config`, or None."""
+    host = re.search(r"^SlurmctldHost\[0\]\s*=\s*([^\s(]+)(?:\(([^)\s]+)\))?", config, re.M)
+    port = re.search(r"^SlurmctldPort\s*=\s*(\d+)", config, re.M)
+    if not host:
+        return None
+    return host.group(2) or host.group(1), int(port.group(1)) if port else 6817
+
+
+def route_address(host, port):
+    """This host's IPv4 address on the route to host (a UDP connect sends nothing)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, socket.AF_INET,
+                                                          socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(addr)
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _name_address():
     """This host's address as its name resolves (the nodes resolve nothing per job)."""
     name = socket.gethostname()
     try:
