@@ -445,3 +445,11 @@ def test_the_nodes_are_told_this_hosts_address_on_the_route_to_the_controller(cl
     host, port = slurm.controller_address(config)
     backend = slurm.Backend({})
     assert backend.own_address() == slurm.route_address(host, port)
+
+
+def test_doctor_says_where_the_nodes_send_the_streams(env):
+    result = arv_wrap("-b", "slurm", "doctor", env=env, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"is UP" in result.stdout and b"nodes send the streams to 127.0.0.1" in result.stdout
+    assert b"a redirected `true` ran as job" in result.stdout

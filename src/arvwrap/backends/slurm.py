@@ -524,7 +524,9 @@ class Backend:
             raise BackendError(f"slurm: the controller does not answer: {text or out.returncode}")
         cpus, memory = self.largest()
         stats = self.counters.snapshot()
+        host = self.relay.host if self.relay else self.advertise or self.own_address()
         return (f"slurm: {text}; largest node: {cpus} CPUs, {memory // MIB} MiB; "
+                f"nodes send the streams to {host}; "
                 f"{stats['submissions']} submitted, {stats['status_queries']} status queries")
 
     def stats(self):
