@@ -633,6 +633,22 @@ static int executable_file(const char *path)
            RAW(SYS_faccessat, AT_FDCWD, path, X_OK, 0, 0) == 0;
 }
 
+/* Whether the kernel execs the file itself: ELF or #!. A script without #! is the
+ * caller's exec to handle (execvp runs /bin/sh, bash runs it itself, execve fails
+ * with ENOEXEC), so it is never redirected. A file we cannot read is assumed
+ * executable (execute-only binaries exist). */
+static int kernel_format(const char *path)
+{
+    unsigned char head[4];
+    long fd = RAW(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0, 0);
+    if (fd < 0)
+        return 1;
+    long n = RAW(SYS_read, fd, head, sizeof head, 0, 0);
+    RAW(SYS_close, fd, 0, 0, 0, 0);
+    return (n >= 2 && head[0] == '#' && head[1] == '!') ||
+           (n == 4 && memcmp(head, "\177ELF", 4) == 0);
+}
+
 static int resolve_path(const struct call *c, char *buf, size_t size)
 {
     return absolute(c->file, buf, size);
@@ -730,7 +746,7 @@ static int decide(const struct call *c, resolve_fn resolve, char *abs, size_t si
         if (rule >= 0 && resolve(c, abs, size) < 0)
             return -1;
     }
-    if (rule < 0 || !executable_file(abs))
+    if (rule < 0 || !executable_file(abs) || !kernel_format(abs))
         return -1;
     return rule;
 }

@@ -276,6 +276,29 @@ def test_noexec_script_like_glibc(variant, progs, tools, make_env, base_env):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_whitelisted_script_without_hashbang_is_left_to_the_real_exec(
+        variant, progs, tools, make_env, base_env, probe):
+    """Only the caller's own exec knows what to make of it (execvp: /bin/sh; bash:
+    runs it itself; execve: ENOEXEC), so it is not redirected."""
+    file = "noshebang" if variant in SEARCHING else os.path.join(tools.bin, "noshebang")
+    args = via(progs, variant, file, b"zero", b"one")
+    without = run(args, dict(base_env, PATH=f"{tools.bin}:{os.environ['PATH']}"))
+    with_shim = run(args, make_env("1;n:noshebang"))
+    assert (with_shim.returncode, with_shim.stdout) == (without.returncode, without.stdout)
+    assert probed(probe) == []
+
+
+def test_bash_runs_a_whitelisted_script_without_hashbang_itself(tools, make_env, base_env,
+                                                                probe):
+    need("bash")
+    script = "noshebang a b; echo status=$?"
+    without = run(["bash", "-c", script], dict(base_env, PATH=f"{tools.bin}:{os.environ['PATH']}"))
+    with_shim = run(["bash", "-c", script], make_env("1;n:noshebang"))
+    assert with_shim.stdout == without.stdout == b"script ran:a b\nstatus=0\n"
+    assert probed(probe) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_client_missing_falls_back(variant, progs, tools, make_env, tmp_path):
     """If the client cannot be exec'd: one warning line, then the real program runs."""
     d = tmp_path / "noclient"
