@@ -5,6 +5,7 @@ Three artifacts come out of csrc/:
   arvwrap/_native/arv-wrap-client  the tiny program the shim execs for a matched call
   arvwrap/_match.*.so              the same C matcher for Python, through cffi
 """
+import glob
 import os
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
+CLIENT_SOURCES = sorted(glob.glob(os.path.join(CSRC, "client", "*.c")))
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", "-D_GNU_SOURCE"]
 # Every process of a pipeline loads the shim, so its load cost is paid per exec:
 # two LOAD segments instead of four, and no RELRO mprotect, measured at about
@@ -39,7 +41,7 @@ def compile_native(out_dir):
     src = lambda *names: [os.path.join(CSRC, n) for n in names]
     subprocess.check_call(cc + CFLAGS + SHIM_CFLAGS + SHIM_LDFLAGS
                           + ["-fPIC", "-shared", "-o", shim] + src("shim.c", "match.c"))
-    subprocess.check_call(cc + CFLAGS + ["-o", client] + src("client.c"))
+    subprocess.check_call(cc + CFLAGS + ["-o", client] + CLIENT_SOURCES)
 
 
 class BuildNative(build_ext):

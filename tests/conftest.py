@@ -1,4 +1,5 @@
 """Shared fixtures: an isolated state dir and the environment that activates arv-wrap."""
+import glob
 import os
 import shutil
 import subprocess
@@ -15,14 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def client():
-    """The real client, (re)built from csrc/client.c when missing or stale (a source
+    """The real client, (re)built from csrc/client/ when missing or stale (a source
     checkout being edited); an installed one is newer than its source."""
-    source = os.path.join(ROOT, "csrc", "client.c")
-    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < os.path.getmtime(source):
+    sources = glob.glob(os.path.join(ROOT, "csrc", "client", "*.[ch]"))
+    newest = max(os.path.getmtime(s) for s in sources)
+    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < newest:
         os.makedirs(paths.NATIVE, exist_ok=True)
         tmp = f"{paths.CLIENT}.{os.getpid()}.tmp"
         subprocess.run(["cc", "-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden",
-                        "-D_GNU_SOURCE", "-o", tmp, source], check=True)
+                        "-D_GNU_SOURCE", "-o", tmp, *(s for s in sources if s.endswith(".c"))],
+                       check=True)
         os.replace(tmp, paths.CLIENT)   # atomic: a running copy is never written to
     return paths.CLIENT
 

@@ -69,8 +69,11 @@ def run(argv, cwd, env, wrap=None):
 
 # Lines that differ from run to run whoever runs the pipeline: Snakemake's banner
 # (date, workflow id), its log file name and elapsed time, bracketed dates.
+# Dates, and make's note that other recipes were still running when one failed
+# (which depends on how fast the parallel steps happened to be, wrapped or not).
 VOLATILE = re.compile(r"\s*(Date|Workflow ID|Elapsed time|Complete log\(s\)):"
-                      r"|\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]$")
+                      r"|\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]$"
+                      r"|make: \*\*\* Waiting for unfinished jobs\.\.\.\.$")
 
 
 def messages(stream, cwd):

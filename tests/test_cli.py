@@ -46,9 +46,11 @@ def test_the_top_level_command_is_matched_like_any_exec(env):
 def test_exit_status_and_signal_of_the_command(env):
     assert out("--", "bash", "-c", "exit 7", env=env).returncode == 7
     assert out("--", "bash", "-c", "kill -TERM $$", env=env).returncode == -15
+    killed = out("--", "bash", "-c", "kill -KILL $$", env=env)
+    assert (killed.returncode, killed.stderr) == (-9, b"")
     runs = [r for r in jobs(env) if r["kind"] == "run"]
     assert {(r["state"], r["exit_status"], r["signal"]) for r in runs} == {
-        ("exited", 7, None), ("signaled", None, 15)}
+        ("exited", 7, None), ("signaled", None, 15), ("signaled", None, 9)}
 
 
 def test_a_missing_command_says_so(env):

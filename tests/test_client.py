@@ -382,12 +382,13 @@ def test_client_cold_start_launches_a_clean_daemon_at_the_computed_socket(
                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert (proc.returncode, proc.stderr) == (7, b"")
     [record] = read_log(log)
-    assert record["args"] == ["-m", "arvwrap.dispatcher", "--socket",
-                              paths.socket_path(dict(env, ARV_WRAP_STATE_DIR=state)),
-                              "--state-dir", state]
+    assert record["args"][:6] == ["-m", "arvwrap.dispatcher", "--socket",
+                                  paths.socket_path(dict(env, ARV_WRAP_STATE_DIR=state)),
+                                  "--state-dir", state]
+    assert record["args"][6] == "--report-fd"    # the one descriptor it inherits
     assert record["sid"] != os.getsid(0)
     assert record["stdio"] == ["/dev/null"] * 3
-    assert record["fds"] == [0, 1, 2]
+    assert record["fds"] == [0, 1, 2, int(record["args"][7])]
     assert record["ld_preload"] == other
     assert record["cwd"] == "/"
     assert "default_int_handler" in record["sigint"]     # not inherited SIG_IGN

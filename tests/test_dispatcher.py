@@ -228,3 +228,4 @@ def test_an_unknown_backend_fails_125_or_runs_locally_as_the_rule_says(tools, ba
     assert failed["state"] == "failed" and failed["backend"] == "nosuch"
     assert ran["state"] == "exited" and ran["backend"] == "local"
     assert "on_backend_error: local" in ran["reason"]
+

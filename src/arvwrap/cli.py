@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from arvwrap import __version__, paths, store, whitelist
+from arvwrap import __version__, paths, protocol, store, whitelist
 
 SUBCOMMANDS = ("env", "check", "jobs", "doctor", "preload-path", "cancel")
 
@@ -61,6 +61,10 @@ def main(argv=None):
     except whitelist.WhitelistError as e:
         print(f"arv-wrap: {e}", file=sys.stderr)
         return 2
+    except (OSError, store.sqlite3.Error) as e:   # the state dir: full, read-only, not ours
+        print(f"arv-wrap: cannot use the state dir {paths.state_dir()}: "
+              f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 125
 
 
 def parse_options(argv, allow_command, flags=()):
@@ -163,17 +167,28 @@ def run(options, command):
     for signum in (signal.SIGINT, signal.SIGQUIT):   # the terminal signals the child too
         signal.signal(signum, signal.SIG_IGN)
     status = child.wait()
+    end_run(db, run_id, status)
     if status >= 0:
-        db.update(run_id, state="exited", exit_status=status, ended=store.now())
         return status
-    db.update(run_id, state="signaled", signal=-status, ended=store.now())
     die_of(-status)
+
+
+def end_run(db, run_id, status):
+    """Record how the command ended; a state dir that filled up meanwhile costs the
+    record, not the command's status."""
+    fields = ({"state": "exited", "exit_status": status} if status >= 0
+              else {"state": "signaled", "signal": -status})
+    try:
+        db.update(run_id, ended=store.now(), **fields)
+    except (OSError, store.sqlite3.Error) as e:
+        print(f"arv-wrap: could not record the end of run {run_id}: {e}", file=sys.stderr)
 
 
 def die_of(signum):
     import resource
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signum, signal.SIG_DFL)
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):   # those cannot be caught anyway
+        signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)
     sys.exit(128 + signum)
@@ -278,7 +293,7 @@ def cmd_cancel(options, argv):
     if record["state"] not in ("queued", "running"):
         print(f"arv-wrap: job {job_id} is already {record['state']}", file=sys.stderr)
         return 1
-    answer = ask_dispatcher(b"AWC1" + job_id.encode() + b"\n")
+    answer = ask_dispatcher(protocol.cancel_message(job_id))
     if answer != "ok":
         print(f"arv-wrap: the dispatcher does not know job {job_id} ({answer})", file=sys.stderr)
         return 1

@@ -87,7 +87,7 @@ class Job:
         self._lock = threading.Lock()
         self._signals = []
         self.cancel_reason = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_r = self._wake_w = None   # made on first use: a local job never needs it
         self.on_wake = None      # a backend may set this to be told at once
         self._closed = False
 
@@ -125,7 +125,7 @@ class Job:
         with self._lock:
             pending, self._signals = self._signals, []
         try:
-            while os.read(self._wake_r, 512):
+            while self._wake_r is not None and os.read(self._wake_r, 512):
                 pass
         except BlockingIOError:
             pass
@@ -133,17 +133,23 @@ class Job:
 
     @property
     def wake_fd(self):
-        """Readable when signal() or cancel() was called."""
-        return self._wake_r
+        """Readable when signal() or cancel() was called (made on first use)."""
+        with self._lock:
+            if self._wake_r is None and not self._closed:
+                self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                if self._signals or self.cancel_reason:
+                    os.write(self._wake_w, b"!")
+            return self._wake_r
 
     def _wake(self):
         with self._lock:
-            if self._closed:     # its descriptor numbers may belong to others by now
-                return
-            try:
-                os.write(self._wake_w, b"!")
-            except OSError:
+            if self._closed or self._wake_w is None:   # closed: its numbers may be others'
                 pass
+            else:
+                try:
+                    os.write(self._wake_w, b"!")
+                except OSError:
+                    pass
         if self.on_wake:
             self.on_wake()
 

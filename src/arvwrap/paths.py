@@ -33,12 +33,17 @@ def fnv1a64(data: bytes) -> int:
 
 
 def runtime_dir(env=os.environ):
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], "arv-wrap")
+    """$XDG_RUNTIME_DIR/arv-wrap when that directory is ours, else /tmp/arv-wrap-UID."""
+    xdg = env.get("XDG_RUNTIME_DIR")
+    try:
+        if xdg and os.stat(xdg).st_uid == os.getuid():
+            return os.path.join(xdg, "arv-wrap")
+    except OSError:
+        pass
     return f"/tmp/arv-wrap-{os.getuid()}"
 
 
 def socket_path(env=os.environ):
-    """The dispatcher's socket for this state dir (shared with csrc/client.c)."""
+    """The dispatcher's socket for this state dir (shared with csrc/client/connect.c)."""
     digest = fnv1a64(os.fsencode(state_dir(env)))
     return os.path.join(runtime_dir(env), f"{digest:016x}.sock")

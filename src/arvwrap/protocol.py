@@ -1,13 +1,16 @@
-"""The dispatcher's side of the client <-> dispatcher protocol (docs/internals.md, section 4).
+"""Every message between arv-wrap's parts and the dispatcher (docs/internals.md, section 4).
 
 A request is a 12-byte header (b"AWR1" + little-endian u64 payload length) sent with
 SCM_RIGHTS, then the payload: fields of one tag byte, bytes, NUL. After it the client
-may send "sig N" lines (ControlReader); the dispatcher answers with text lines
-(send_warn, send_job, send_local, send_exit, send_signal, send_fail).
+sends lines (ControlReader): "sig N" for each forwarded signal, and for a job it runs
+itself ("run" reply) "pid N", then "done STATUS UTIME_US STIME_US MAXRSS_KB" or
+"nostart ERRNO". The dispatcher answers with text lines (warn, job, local, run,
+exit, signal, fail; final_reply builds the last one from an Outcome). `arv-wrap
+cancel` sends b"AWC1" + job id + newline instead and reads "ok" or "unknown".
 
 The parsing is split from the I/O (parse_header, parse_payload) so that any I/O model
-can use it; read_request does the blocking I/O for a plain socket. Whatever goes wrong,
-the received descriptors are closed before ProtocolError is raised.
+can use it: read_request does blocking I/O, Incoming the non-blocking kind. Whatever
+goes wrong, the received descriptors are closed before ProtocolError is raised.
 """
 import array
 import os
@@ -19,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 MAGIC = b"AWR1"
+CANCEL_MAGIC = b"AWC1"
 HEADER = struct.Struct("<4sQ")
 MAX_PAYLOAD = 64 << 20          # argv + environ are capped far lower by the kernel
 MAX_FDS = 253                   # SCM_MAX_FD
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _DECIMAL = re.compile(rb"[0-9]{1,19}")
 _RLIMIT = re.compile(rb"([0-9]{1,4}) ([0-9]{1,20}|inf) ([0-9]{1,20}|inf)")
-_SIG_LINE = re.compile(rb"sig ([0-9]{1,3})")
+_CLIENT_LINE = re.compile(rb"(sig|pid|nostart) ([0-9]{1,10})|done (-?[0-9]{1,10}) ([0-9]{1,19}) "
+                          rb"([0-9]{1,19}) ([0-9]{1,19})")
 _REQUIRED = {b"R": "rule index", b"P": "resolved path", b"C": "cwd", b"U": "umask",
              b"I": "client pid"}
 
@@ -215,6 +220,85 @@ def read_request(sock: socket.socket) -> Request:
     return parse_payload(payload, fds)
 
 
+class Incoming:
+    """A connection's first message, read without blocking: a request, or a cancel.
+
+    feed() does one recv and returns None until the message is whole, then
+    ("request", Request) or ("cancel", job id). Raises ProtocolError for anything
+    else (the descriptors received so far are closed)."""
+    MAX_CANCEL = 256
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fds: List[int] = []
+        self.header = b""
+        self.payload: Optional[bytearray] = None
+        self.got = 0
+
+    def feed(self):
+        try:
+            return self._feed()
+        except ProtocolError:
+            _close_all(self.fds)
+            self.fds = []
+            raise
+
+    def _feed(self):
+        if self.payload is None:
+            return self._feed_header()
+        try:
+            n = self.sock.recv_into(memoryview(self.payload)[self.got:])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise ProtocolError(f"reading the request: {e}") from e
+        if n == 0:
+            raise ProtocolError(f"connection closed after {self.got} of "
+                                f"{len(self.payload)} payload bytes")
+        self.got += n
+        if self.got < len(self.payload):
+            return None
+        fds, self.fds = self.fds, []
+        return "request", parse_payload(self.payload, fds)
+
+    def _feed_header(self):
+        size = self.MAX_CANCEL if self.header.startswith(CANCEL_MAGIC) else HEADER.size
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(size - len(self.header), _ANCILLARY,
+                                                        socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            raise ProtocolError(f"reading the request: {e}") from e
+        _fds_from_ancillary(ancdata, self.fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("descriptors were truncated (more than the limit sent)")
+        if not data:
+            raise ProtocolError(f"connection closed after {len(self.header)} header bytes")
+        self.header += data
+        if self.header.startswith(CANCEL_MAGIC):
+            return self._cancel()
+        if len(self.header) < HEADER.size:
+            return None
+        length = parse_header(self.header)
+        self.payload = bytearray(length)
+        return ("request", parse_payload(b"", self.fds)) if length == 0 else None
+
+    def _cancel(self):
+        if b"\n" not in self.header:
+            if len(self.header) >= self.MAX_CANCEL:
+                raise ProtocolError("over-long cancel message")
+            return None
+        _close_all(self.fds)
+        self.fds = []
+        return "cancel", self.header[len(CANCEL_MAGIC):].split(b"\n")[0].strip().decode(
+            errors="replace")
+
+
+def cancel_message(job_id: str) -> bytes:
+    return CANCEL_MAGIC + job_id.encode() + b"\n"
+
+
 def peer_cred(sock: socket.socket) -> Tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
     creds = struct.Struct("3i")
@@ -270,15 +354,46 @@ def send_fail(sock, text) -> bool:
     return send_line(sock, "fail " + text)
 
 
+def run_message(env: Dict[bytes, bytes], stdin_none: bool = False) -> bytes:
+    """"run": the client starts the tool itself as its own child, with exactly this
+    environment (a counted block of NAME=value entries, each ending in NUL)."""
+    block = b"".join(name + b"=" + value + b"\0" for name, value in env.items())
+    flags = b" stdin-none" if stdin_none else b""
+    return b"run %d%s\n" % (len(block), flags) + block
+
+
+def final_reply(outcome) -> str:
+    """The last line for the client, from a jobspec.Outcome."""
+    if outcome.run_locally:
+        return "local"
+    if outcome.state == "exited":
+        return f"exit {outcome.exit_status}"
+    if outcome.state == "signaled":
+        return f"signal {outcome.signal}" + (f" {outcome.message}" if outcome.message else "")
+    if outcome.state == "cancelled":
+        text = f" {outcome.message}" if outcome.message else ""
+        return f"signal {outcome.caller_signal or 15}{text}"
+    return f"fail {outcome.message or outcome.reason or 'the job could not run'}"
+
+
 # ---------------------------------------------------------------- after the request
 
-class ControlReader:
-    """The client's lines after the request: "sig N" for each forwarded signal.
+@dataclass
+class Done:
+    """"done": the tool the client ran has ended."""
+    status: int            # the raw wait status
+    cpu_seconds: float     # user + system of the tool and its reaped children
+    max_rss: int           # bytes
 
-    read() does one recv and returns the signal numbers of the lines it completed;
-    on a non-blocking (or timed-out) socket with nothing to read it returns [].
-    `eof` becomes True when the client has gone (closed, reset, killed). Unknown or
-    malformed lines are ignored; so is an endless line.
+
+class ControlReader:
+    """The client's lines after the request.
+
+    read() does one recv and returns the messages it completed: an int N for
+    "sig N", ("pid", N), ("nostart", ERRNO), or a Done; on a non-blocking (or
+    timed-out) socket with nothing to read it returns []. `eof` becomes True when
+    the client has gone (closed, reset, killed). Unknown or malformed lines are
+    ignored; so is an endless line.
     """
     MAX_LINE = 256
 
@@ -290,12 +405,12 @@ class ControlReader:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> List[int]:
+    def read(self) -> list:
         if self.eof:
             return []
         try:
             data = self.sock.recv(4096)
-        except (BlockingIOError, socket.timeout):
+        except (BlockingIOError, InterruptedError, socket.timeout):
             return []
         except OSError:
             data = b""
@@ -304,19 +419,26 @@ class ControlReader:
             return []
         return self.feed(data)
 
-    def feed(self, data: bytes) -> List[int]:
+    def feed(self, data: bytes) -> list:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > self.MAX_LINE:
             self._partial = b""
-        signals = []
-        for line in lines:
-            m = _SIG_LINE.fullmatch(line)
-            if m and 1 <= int(m[1]) < 65:
-                signals.append(int(m[1]))
-        return signals
+        return [m for m in map(_client_message, lines) if m is not None]
 
     def __iter__(self):
         """Blocking: yield each forwarded signal until the client goes away."""
         while not self.eof:
-            yield from self.read()
+            yield from (m for m in self.read() if isinstance(m, int))
+
+
+def _client_message(line):
+    m = _CLIENT_LINE.fullmatch(line)
+    if not m:
+        return None
+    if m[1] == b"sig":
+        return int(m[2]) if 1 <= int(m[2]) < 65 else None
+    if m[1]:
+        return m[1].decode(), int(m[2])
+    status = int(m[3])
+    return Done(status & 0xFFFFFFFF, (int(m[4]) + int(m[5])) / 1e6, int(m[6]) * 1024)

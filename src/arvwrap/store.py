@@ -40,6 +40,10 @@ COLUMNS = {
     "reason": "TEXT",
     "rule": "TEXT",
     "host": "TEXT",
+    "dispatcher": "INTEGER",    # pid of the dispatcher that holds the job (on host)
+    "queued_seconds": "REAL",   # from the call's arrival to its start
+    "cpu_seconds": "REAL",      # user + system of the tool and its children
+    "max_rss": "INTEGER",       # bytes
 }
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -95,6 +99,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name in COLUMNS.keys() - have:     # a database made by an older release
+            try:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {COLUMNS[name]}")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):   # another process added it first
+                    raise
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run)")
 
     def _current(self):
@@ -135,6 +146,13 @@ class Store:
         with self._lock:
             self._current().execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
                                     [*fields.values(), job_id])
+
+    def orphans(self, alive):
+        """Ids of this host's unfinished jobs whose dispatcher is gone (alive(pid) is
+        False): it was killed while it held them."""
+        rows = self.query("WHERE kind = 'job' AND host = ? AND state IN ('queued', 'running')",
+                          [socket.gethostname()])
+        return [r["id"] for r in rows if not r["dispatcher"] or not alive(r["dispatcher"])]
 
     def get(self, job_id):
         rows = self.query("WHERE id = ?", [job_id])

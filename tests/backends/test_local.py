@@ -1,19 +1,24 @@
-"""The local backend on its own: real processes, real pipes, no dispatcher."""
+"""The local backend on its own: its scheduler, its outcomes and its signalling, with
+real pipes and real processes (no dispatcher, no mocks)."""
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
+import pytest
 
 from arvwrap import store
 from arvwrap.backends import local
 from arvwrap.jobspec import Job
 
+GIB = 1 << 30
 
-def make_job(argv, stdin=None, stdout=None, stderr=None, stdin_mode="auto", **fields):
-    """A Job whose descriptors are duplicates of the given ones (the backend owns them)."""
+
+def make_job(argv=("true",), stdin=None, stdout=None, stderr=None, stdin_mode="auto",
+             **fields):
+    """A Job whose descriptors are duplicates of the given ones (the Job owns them)."""
     fds = {n: os.dup(fd) for n, fd in ((0, stdin), (1, stdout), (2, stderr)) if fd is not None}
     argv = [os.fsencode(a) for a in argv]
     return Job(id=store.new_id(), run=None, parent=None, argv=argv,
@@ -21,166 +26,350 @@ def make_job(argv, stdin=None, stdout=None, stderr=None, stdin_mode="auto", **fi
                env={b"PATH": os.environb[b"PATH"]}, fds=fds, stdin=stdin_mode, **fields)
 
 
-class Runner:
-    """Runs a job in a thread and remembers when it started and how it ended."""
+@pytest.fixture
+def claim():
+    """claim(cpus=..., stdin=fd, stdout=fd, ...): a Claim on a fresh Job, closed after."""
+    made = []
 
-    def __init__(self, backend, job):
-        self.job, self.started_at, self.outcome = job, None, None
-        self.thread = threading.Thread(target=self._run, args=(backend,))
-        self.thread.start()
-
-    def _run(self, backend):
-        def started(_backend_id):
-            self.started_at = time.monotonic()
-        try:
-            self.outcome = backend.run(self.job, started)
-        finally:
-            self.job.close()
-
-    def wait(self, timeout=30):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "job did not finish"
-        return self.outcome
+    def make(**fields):
+        job = make_job(**fields)
+        made.append(job)
+        return local.Claim(job)
+    yield make
+    for job in made:
+        job.close()
 
 
-def test_output_goes_straight_to_the_callers_descriptor(tmp_path):
-    backend = local.Backend({"cpus": 2})
-    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
-    outcome = Runner(backend, make_job(["sh", "-c", "echo hi; exit 7"], stdout=out)).wait()
-    os.close(out)
-    assert (outcome.state, outcome.exit_status) == ("exited", 7)
-    assert (tmp_path / "out").read_text() == "hi\n"
+@pytest.fixture
+def pipe():
+    """pipe(): (read end, write end) of a real pipe, both closed after the test."""
+    made = []
+
+    def make():
+        ends = os.pipe()
+        made.extend(ends)
+        return ends
+    yield make
+    for fd in made:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
-def test_fractional_cpus_share_one_core():
-    backend = local.Backend({"cpus": 1})
-    runners = [Runner(backend, make_job(["sleep", "0.5"], cpus=0.25)) for _ in range(4)]
-    start = time.monotonic()
-    for r in runners:
-        r.wait()
-    assert time.monotonic() - start < 1.4   # all four at once, not one after another
+def until(predicate, timeout=10, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
-def test_a_two_cpu_job_waits_until_two_are_free():
-    backend = local.Backend({"cpus": 2})
-    first = Runner(backend, make_job(["sleep", "0.6"], cpus=1))
-    time.sleep(0.1)
-    big = Runner(backend, make_job(["true"], cpus=2))
-    first.wait(), big.wait()
-    assert big.started_at - first.started_at >= 0.5
+def running(pid):
+    """pid exists and is not a zombie (this machine's init does not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
-def test_jobs_joined_by_a_pipe_run_together_over_budget():
-    """bwa | samtools on 2 CPUs, each asking for 2, with more than a pipe buffer between."""
-    backend = local.Backend({"cpus": 2})
-    r, w = os.pipe()
-    sink = os.open(os.devnull, os.O_WRONLY)
-    writer = Runner(backend, make_job(["head", "-c", "1000000", "/dev/zero"], stdout=w, cpus=2))
-    time.sleep(0.1)
-    reader = Runner(backend, make_job(["wc", "-c"], stdin=r, stdout=sink, cpus=2))
-    os.close(w), os.close(r), os.close(sink)
-    assert writer.wait(10).exit_status == 0
-    assert reader.wait(10).exit_status == 0
+# -- admission ------------------------------------------------------------------
+
+def test_four_quarter_cpu_claims_share_one_core(claim):
+    s = local.Scheduler(1, GIB)
+    assert all(s.submit(claim(cpus=0.25)) for _ in range(4))
+    assert not s.submit(claim(cpus=0.25))      # the core is full
 
 
-def test_oversize_is_clamped_or_refused():
-    backend = local.Backend({"cpus": 2})
-    job = make_job(["true"], cpus=8)
-    assert Runner(backend, job).wait().state == "exited"
-    assert job.cpus == 2 and "clamped" in job.notes[0]
-    refused = Runner(backend, make_job(["true"], cpus=8, on_oversize="refuse")).wait()
-    assert refused.state == "failed" and "on_oversize: refuse" in refused.message
+def test_a_two_cpu_claim_waits_until_two_are_free(claim):
+    s = local.Scheduler(2, GIB)
+    first = claim(cpus=1)
+    big = claim(cpus=2)
+    assert s.submit(first)
+    assert not s.submit(big)
+    assert s.release(first) == [big]
+    assert big in s.running and not s.queue
 
 
-def test_cancel_while_queued_and_while_running():
-    backend = local.Backend({"cpus": 1})
-    running = Runner(backend, make_job(["sleep", "30"], cpus=1))
-    time.sleep(0.2)
-    queued = Runner(backend, make_job(["true"], cpus=1))
-    time.sleep(0.1)
-    queued.job.cancel("test")
-    assert queued.wait(5).state == "cancelled"
-    running.job.cancel("test")
-    outcome = running.wait(10)
-    assert (outcome.state, outcome.caller_signal) == ("cancelled", signal.SIGTERM)
+def test_memory_counts_like_cpus(claim):
+    s = local.Scheduler(4, GIB)
+    first = claim(cpus=1, memory=GIB // 2 + 1)
+    second = claim(cpus=1, memory=GIB // 2)
+    assert s.submit(first)
+    assert not s.submit(second)
+    assert s.release(first) == [second]
 
 
-def test_forwarded_signal_reaches_the_job_and_its_children():
-    backend = local.Backend({"cpus": 1})
-    runner = Runner(backend, make_job(["sh", "-c", "sleep 30 & wait"]))
-    time.sleep(0.3)
-    runner.job.signal(signal.SIGINT)
-    outcome = runner.wait(10)
-    assert outcome.state == "signaled" and outcome.signal == signal.SIGINT
+def test_first_come_first_served_a_small_claim_waits_behind_a_big_queued_one(claim):
+    s = local.Scheduler(2, GIB)
+    hog, big, small = claim(cpus=1), claim(cpus=2), claim(cpus=1)
+    assert s.submit(hog)
+    assert not s.submit(big)
+    assert not s.submit(small)        # it would fit, but big came first
+    assert s.release(hog) == [big]
+    assert s.release(big) == [small]
 
 
-def test_time_limit_kills_with_a_reason():
-    backend = local.Backend({"cpus": 1})
-    outcome = Runner(backend, make_job(["sleep", "30"], time_limit=1)).wait(15)
-    assert outcome.state == "signaled" and outcome.signal == signal.SIGTERM
-    assert "time limit" in outcome.message
+def test_withdraw_removes_a_queued_claim_and_release_admits_the_next(claim):
+    s = local.Scheduler(1, GIB)
+    hog, gone, nxt = claim(cpus=1), claim(cpus=1), claim(cpus=1)
+    assert s.submit(hog)
+    assert not s.submit(gone) and not s.submit(nxt)
+    s.withdraw(gone)
+    assert list(s.queue) == [nxt]
+    assert s.release(hog) == [nxt]
+    assert s.used_cpus == nxt.cpus
 
 
-def test_missing_stdout_stays_closed(tmp_path):
-    backend = local.Backend({"cpus": 1})
-    err = os.open(tmp_path / "err", os.O_WRONLY | os.O_CREAT, 0o600)
-    outcome = Runner(backend, make_job(["sh", "-c", "echo x || echo closed >&2"], stderr=err)).wait()
-    os.close(err)
-    assert outcome.exit_status == 0
-    assert "closed" in (tmp_path / "err").read_text() or "Bad file" in (tmp_path / "err").read_text()
+# -- pipes ---------------------------------------------------------------------
+
+def test_a_reader_submitted_while_its_writer_runs_starts_at_once_over_budget(claim, pipe):
+    """bwa -t 2 | samtools -@ 2 on 2 CPUs: the writer runs, the reader joins it."""
+    r, w = pipe()
+    s = local.Scheduler(2, GIB)
+    writer = claim(cpus=2, stdout=w)
+    reader = claim(cpus=2, stdin=r)
+    assert writer.pipes and reader.pipes
+    assert s.submit(writer)
+    assert s.submit(reader)
+    assert s.running == {writer, reader} and s.used_cpus == 4 * local.MILLI
 
 
-def test_jobs_joined_through_a_local_filter_run_together_over_budget():
+def test_a_queued_reader_and_its_writer_are_admitted_together_over_budget(claim, pipe):
+    """The reader came first and waits; once its writer is admitted, so is the reader."""
+    r, w = pipe()
+    s = local.Scheduler(2, GIB)
+    hog = claim(cpus=2)
+    reader = claim(cpus=2, stdin=r)
+    writer = claim(cpus=2, stdout=w)
+    assert s.submit(hog)
+    assert not s.submit(reader)
+    assert not s.submit(writer)
+    assert set(s.release(hog)) == {reader, writer}
+    assert s.used_cpus == 4 * local.MILLI and not s.queue
+
+
+def test_a_queued_writer_joins_its_running_reader(claim, pipe):
+    r, w = pipe()
+    s = local.Scheduler(2, GIB)
+    reader = claim(cpus=2, stdin=r)
+    writer = claim(cpus=2, stdout=w)
+    assert s.submit(reader)
+    assert s.submit(writer)
+
+
+def test_claims_joined_through_a_local_filter_are_admitted_by_recheck(claim, pipe):
     """gzip -dc | tr | sort: the filter between two jobs must not hide the pipe."""
-    backend = local.Backend({"cpus": 2})
-    a_r, a_w = os.pipe()
-    b_r, b_w = os.pipe()
-    sink = os.open(os.devnull, os.O_WRONLY)
-    writer = Runner(backend, make_job(["head", "-c", "1000000", "/dev/zero"], stdout=a_w, cpus=1))
-    time.sleep(0.1)
-    middle = subprocess.Popen(["tr", "\\0", "x"], stdin=a_r, stdout=b_w)
-    reader = Runner(backend, make_job(["wc", "-c"], stdin=b_r, stdout=sink, cpus=2))
-    for fd in (a_r, a_w, b_r, b_w, sink):
-        os.close(fd)
-    assert writer.wait(10).exit_status == 0
-    assert reader.wait(10).exit_status == 0
-    assert middle.wait(10) == 0
+    a_r, a_w = pipe()
+    b_r, b_w = pipe()
+    s = local.Scheduler(2, GIB)
+    writer = claim(cpus=2, stdout=a_w)
+    reader = claim(cpus=2, stdin=b_r)
+    middle = subprocess.Popen(["tr", "a", "b"], stdin=a_r, stdout=b_w)
+    try:
+        assert s.submit(writer)
+        assert not s.submit(reader)       # not directly joined
+        assert s.needs_recheck()
+        assert s.recheck() == [reader]
+        assert reader in s.running and not s.needs_recheck()
+    finally:
+        middle.kill()
+        middle.wait()
 
 
-def test_a_queued_job_fed_by_a_local_process_still_waits():
-    """`cat list | while read f; do tool; done`: no running job upstream, so no overcommit."""
-    backend = local.Backend({"cpus": 1})
-    hog = Runner(backend, make_job(["sleep", "1"], cpus=1))
-    time.sleep(0.1)
-    r, w = os.pipe()
-    feeder = subprocess.Popen(["cat", "/etc/passwd"], stdout=w)
-    waiting = Runner(backend, make_job(["true"], stdin=r, cpus=1))
-    os.close(r), os.close(w)
-    hog.wait(), waiting.wait()
-    feeder.wait()
-    assert waiting.started_at - hog.started_at >= 0.8
+def test_a_queued_claim_fed_by_a_local_process_with_no_job_upstream_still_waits(claim, pipe):
+    """cat list | while read f; do tool; done: no running job upstream, no overcommit."""
+    r, w = pipe()
+    s = local.Scheduler(1, GIB)
+    hog = claim(cpus=1)
+    waiting = claim(cpus=1, stdin=r)
+    feeder = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=w)
+    try:
+        assert s.submit(hog)
+        assert not s.submit(waiting)
+        assert s.needs_recheck()
+        assert s.recheck() == []
+        assert list(s.queue) == [waiting]
+        assert s.release(hog) == [waiting]
+    finally:
+        feeder.stdin.close()
+        feeder.wait(10)
 
 
-def test_stdin_none_gives_the_job_dev_null_and_leaves_the_callers_input(tmp_path):
-    backend = local.Backend({"cpus": 1})
-    r, w = os.pipe()
-    os.write(w, b"for the caller\n")
-    out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
-    outcome = Runner(backend, make_job(["cat"], stdin=r, stdout=out, stdin_mode="none")).wait()
-    os.close(out), os.close(w)
-    assert outcome.exit_status == 0 and (tmp_path / "out").read_bytes() == b""
-    assert os.read(r, 100) == b"for the caller\n"
+def test_recheck_is_not_needed_without_a_running_claim_or_a_queued_pipe(claim, pipe):
+    r, _ = pipe()
+    s = local.Scheduler(1, GIB)
+    assert not s.needs_recheck()
+    hog = claim(cpus=1)
+    s.submit(hog)
+    s.submit(claim(cpus=1))                # queued, but no pipe to follow
+    assert not s.needs_recheck()
+    s.submit(claim(cpus=1, stdin=r))
+    assert s.needs_recheck()
 
 
-def test_ctrl_c_while_queued_ends_the_call_as_the_signal_would():
-    backend = local.Backend({"cpus": 1})
-    hog = Runner(backend, make_job(["sleep", "30"], cpus=1))
-    time.sleep(0.2)
-    queued = Runner(backend, make_job(["true"], cpus=1))
-    time.sleep(0.1)
-    queued.job.signal(signal.SIGINT)
-    outcome = queued.wait(5)
+# -- oversize ------------------------------------------------------------------
+
+def test_an_oversize_request_is_clamped_with_a_note():
+    backend = local.Backend({"cpus": 2, "memory": GIB})
+    job = make_job(cpus=8, memory=4 * GIB)
+    try:
+        assert backend.fit(job) is None
+        assert (job.cpus, job.memory) == (2, GIB)
+        assert len(job.notes) == 2 and all("clamped" in n for n in job.notes)
+        assert "8 CPUs" in job.notes[0]
+    finally:
+        job.close()
+
+
+def test_an_oversize_request_is_refused_with_on_oversize_refuse():
+    backend = local.Backend({"cpus": 2, "memory": GIB})
+    job = make_job(cpus=8, on_oversize="refuse")
+    try:
+        refused = backend.fit(job)
+        assert refused.state == "failed" and refused.reason == "oversize"
+        assert "8 CPUs" in refused.message and "on_oversize: refuse" in refused.message
+        assert job.cpus == 8 and not job.notes
+    finally:
+        job.close()
+
+
+def test_a_request_that_fits_is_left_alone():
+    backend = local.Backend({"cpus": 2, "memory": GIB})
+    job = make_job(cpus=2, memory=GIB)
+    try:
+        assert backend.fit(job) is None
+        assert (job.cpus, job.memory, job.notes) == (2, GIB, [])
+    finally:
+        job.close()
+
+
+# -- outcomes ------------------------------------------------------------------
+
+@pytest.fixture
+def job():
+    made = make_job(["sleep", "1"])
+    yield made
+    made.close()
+
+
+def test_outcome_of_an_exit_code(job):
+    for code in (0, 3, 255):
+        outcome = local.outcome_of(code, job, None)
+        assert (outcome.state, outcome.exit_status, outcome.signal) == ("exited", code, None)
+        assert outcome.message is None and outcome.reason is None
+
+
+def test_outcome_of_a_signal(job):
+    outcome = local.outcome_of(-signal.SIGSEGV, job, None)
+    assert (outcome.state, outcome.signal, outcome.exit_status) == (
+        "signaled", signal.SIGSEGV, None)
+    assert outcome.message is None
+
+
+def test_outcome_of_a_time_limit_kill_says_why(job):
+    why = "sleep exceeded its time limit of 1s"
+    outcome = local.outcome_of(-signal.SIGTERM, job, why)
+    assert (outcome.state, outcome.signal) == ("signaled", signal.SIGTERM)
+    assert outcome.reason == why and outcome.message == why
+    handled = local.outcome_of(1, job, why)        # a tool that caught SIGTERM and exited 1
+    assert (handled.state, handled.exit_status, handled.message) == ("exited", 1, why)
+
+
+def test_outcome_of_a_cancel_is_cancelled_and_the_caller_dies_of_the_signal(job):
+    job.cancel("cancelled by arv-wrap cancel")
+    outcome = local.outcome_of(-signal.SIGTERM, job, job.cancel_reason)
+    assert (outcome.state, outcome.caller_signal) == ("cancelled", signal.SIGTERM)
+    assert outcome.reason == "cancelled by arv-wrap cancel"
+    assert job.id in outcome.message and "(sleep)" in outcome.message
+    killed = local.outcome_of(-signal.SIGKILL, job, job.cancel_reason)   # after the grace
+    assert (killed.state, killed.caller_signal) == ("cancelled", signal.SIGKILL)
+    ignored = local.outcome_of(0, job, job.cancel_reason)   # caught SIGTERM, exited 0
+    assert (ignored.state, ignored.caller_signal) == ("cancelled", signal.SIGTERM)
+
+
+def test_a_callers_signal_while_queued_ends_it_silently_as_that_signal(job):
+    outcome = local.cancelled_while_queued(job, signal.SIGINT)
     assert (outcome.state, outcome.caller_signal, outcome.message) == (
         "cancelled", signal.SIGINT, None)
-    hog.job.cancel("test")
-    hog.wait(10)
+    assert "signal 2" in outcome.reason
+
+
+def test_arv_wraps_own_cancel_while_queued_ends_it_with_sigterm_and_says_why(job):
+    job.cancel("cancelled by arv-wrap cancel")
+    for signum in (None, signal.SIGINT):      # arv-wrap's cancel wins over a later signal
+        outcome = local.cancelled_while_queued(job, signum)
+        assert (outcome.state, outcome.caller_signal) == ("cancelled", signal.SIGTERM)
+        assert outcome.reason == "cancelled by arv-wrap cancel"
+        assert "cancelled while queued: cancelled by arv-wrap cancel" in outcome.message
+        assert job.id in outcome.message
+
+
+# -- steering real processes -----------------------------------------------------
+
+@pytest.fixture
+def shell_with_two_children():
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    yield proc
+    for pid in [*local.descendants(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def two_sleeps_below(pid):
+    until(lambda: [comm(k) for k in local.descendants(pid)] == ["sleep", "sleep"],
+          what="two sleeping children")
+    return local.descendants(pid)
+
+
+def test_descendants_finds_the_children_of_a_process(shell_with_two_children):
+    kids = two_sleeps_below(shell_with_two_children.pid)
+    assert len(set(kids)) == 2
+    assert local.descendants(kids[0]) == []
+
+
+def test_descendants_of_a_process_that_is_gone_is_empty():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    assert local.descendants(proc.pid) == []
+
+
+def test_signal_tree_kills_the_tool_and_its_children(shell_with_two_children):
+    proc = shell_with_two_children
+    kids = two_sleeps_below(proc.pid)
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        local.signal_tree(pidfd, proc.pid, signal.SIGTERM)
+    finally:
+        os.close(pidfd)
+    assert proc.wait(10) == -signal.SIGTERM
+    until(lambda: not any(running(k) for k in kids), what="the children to end")
+
+
+def test_signal_tree_on_a_tool_that_already_ended_does_nothing():
+    proc = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        proc.wait()
+        local.signal_tree(pidfd, proc.pid, signal.SIGTERM)   # no error, nothing signalled
+    finally:
+        os.close(pidfd)
+
+
+def test_withdrawing_the_queued_head_admits_the_next_claim_that_now_fits(claim):
+    """First come, first served while they fit: once the big head is gone (its caller's
+    Ctrl-C), the small claim behind it fits beside the running one and starts at once,
+    not when the running one ends. withdraw() returns what starts, as release() does."""
+    s = local.Scheduler(2, GIB)
+    running, big, small = claim(cpus=1), claim(cpus=2), claim(cpus=1)
+    assert s.submit(running)
+    assert not s.submit(big) and not s.submit(small)
+    assert s.withdraw(big) == [small]
+    assert s.running == {running, small} and not s.queue

@@ -1,0 +1,38 @@
+/* The client's side of the client <-> dispatcher protocol (docs/internals.md,
+ * section 4): the request with the caller's descriptors, and reading replies. */
+#ifndef ARVWRAP_CLIENT_WIRE_H
+#define ARVWRAP_CLIENT_WIRE_H
+
+#include <stddef.h>
+#include "common.h"
+
+#define MAX_FDS 253                 /* SCM_MAX_FD: the kernel's limit per message */
+
+struct fdlist {
+    int n;
+    int caller[MAX_FDS];             /* caller's fd number; -1 for the cwd handle */
+    int fd[MAX_FDS];                 /* what goes into SCM_RIGHTS */
+};
+
+/* The cwd handle, fds 0-2 and every fd argv names as /dev/fd/N or /proc/self/fd/N.
+ * Call it before opening anything, so no descriptor of ours is taken for the caller's. */
+void collect_fds(struct fdlist *l, char **targv);
+void build_request(struct buf *b, const char *idx, const char *resolved, char **targv,
+                   const struct fdlist *l);
+void send_request(int fd, const struct buf *b, const struct fdlist *l);
+
+/* Replies: text lines, and a counted block of bytes after a "run" line. */
+struct reader {
+    int fd;
+    size_t start, len;
+    char buf[65536];
+};
+char *read_line(struct reader *r);           /* NUL-terminated, no newline; NULL at EOF */
+char *read_block(struct reader *r, size_t n); /* malloc'd n bytes + NUL; NULL at EOF */
+
+/* "word" or "word ...": the text after the space (or ""); NULL if line is another word. */
+const char *reply_is(const char *line, const char *word);
+/* A decimal in [lo, hi] up to the end or a space (*end is set); -1 if not. */
+long long parse_number(const char *s, long long lo, long long hi, const char **end);
+
+#endif
