@@ -5,7 +5,8 @@ with an empty libc-linked preload (the floor any preload pays), with that empty
 preload plus the variables an activated pipeline carries (the floor for arv-wrap:
 a larger environment costs every exec a little), and with the shim holding the
 demo whitelist's rules (none match /bin/true). They run in turn, round after
-round, so drift in the machine hits all of them alike.
+round, so drift in the machine hits all of them alike. Nothing is timed unless
+ld.so really loads each preloaded library (bench: ... and exit 2 otherwise).
 
     python bench/bench_exec.py [--rounds 15] [--n 2000]
 """
@@ -52,6 +53,9 @@ def main():
     with common.tmpdir() as tmp:
         loop, empty = common.build(tmp)
         envs = environments(empty)
+        for env in envs.values():   # every preload measured is really loaded
+            if "LD_PRELOAD" in env:
+                common.require_setup(env)
         totals = {(kind, name): [] for kind in ("C loop", "bash loop") for name in envs}
         for _ in range(args.rounds):
             for name, env in envs.items():

@@ -3,13 +3,13 @@
 A C loop fork+execvp's `true` N times: directly, and with `true` whitelisted so
 each call goes shim -> client -> dispatcher -> job -> back. Rounds alternate;
 the dispatcher is warm (started before timing). The cold start (first call with
-no dispatcher running) is measured separately.
+no dispatcher running) is measured separately. Nothing is timed unless the shim
+loads and a warm-up `true` is recorded as a local job (bench: ... and exit 2).
 
     python bench/bench_latency.py [--rounds 10] [--n 200]
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -33,8 +33,8 @@ def activated_env(tmp):
 
 
 def stop_dispatcher(env):
+    common.stop_dispatcher(env)
     sock = paths.socket_path(env)
-    subprocess.run(["pkill", "-f", f"arvwrap.dispatcher --socket {sock}"], check=False)
     for _ in range(200):
         if not os.path.exists(sock):
             return
@@ -52,16 +52,19 @@ def main():
         loop, _ = common.build(tmp)
         env = activated_env(tmp)
         direct_env = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
-        cold = []
-        for _ in range(args.cold):
+        try:
+            common.require_setup(env, warmup=["true"], backend="local")
+            cold = []
+            for _ in range(args.cold):
+                stop_dispatcher(env)
+                cold += common.spawn_loop(loop, 1, ["true"], env)
+            common.spawn_loop(loop, 20, ["true"], env)   # warm up
+            direct, redirected = [], []
+            for _ in range(args.rounds):
+                direct += common.spawn_loop(loop, args.n, ["true"], direct_env)
+                redirected += common.spawn_loop(loop, args.n, ["true"], env)
+        finally:   # also when the setup check refuses: leave no dispatcher behind
             stop_dispatcher(env)
-            cold += common.spawn_loop(loop, 1, ["true"], env)
-        common.spawn_loop(loop, 20, ["true"], env)   # warm up
-        direct, redirected = [], []
-        for _ in range(args.rounds):
-            direct += common.spawn_loop(loop, args.n, ["true"], direct_env)
-            redirected += common.spawn_loop(loop, args.n, ["true"], env)
-        stop_dispatcher(env)
     d, r = common.median(direct), common.median(redirected)
     print(f"`true` run {args.n * args.rounds} times each, medians")
     print(f"  direct               {d * 1000:7.2f} ms")

@@ -13,6 +13,8 @@
    is sampled every 0.2 s. The jobs run in a partition `bench` that this script
    creates at run time with `scontrol create` (OverSubscribe=FORCE, so all of them
    can share the 2 cores) and deletes afterwards; it needs root for that.
+Nothing is timed unless the shim loads and a warm-up call is recorded as a job that
+ran on the slurm backend (bench: ... and exit 2 otherwise).
 
     python bench/bench_slurm.py [--rounds 5] [--n 20] [--jobs 200] [--rate 10]
 """
@@ -26,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import cli, paths, whitelist  # noqa: E402
+from arvwrap import cli, whitelist  # noqa: E402
 
 COUNTED = ("srun", "squeue", "sacct", "scontrol", "sinfo", "scancel")
 
@@ -47,16 +49,8 @@ def activated_env(tmp, name, rules_text, extra=None):
 
 
 def dispatcher_pid(env):
-    sock = paths.socket_path(env)
-    out = subprocess.run(["pgrep", "-f", f"arvwrap.dispatcher --socket {sock}"],
-                         stdout=subprocess.PIPE, text=True).stdout.split()
-    return int(out[0]) if out else None
-
-
-def stop_dispatcher(env):
-    pid = dispatcher_pid(env)
-    if pid:
-        os.kill(pid, 15)
+    pids = common.dispatcher_pids(env)
+    return pids[0] if pids else None
 
 
 def rss_kib(pid):
@@ -94,16 +88,19 @@ def latency(tmp, args):
     throttled = activated_env(tmp, "latency-throttled", rules)
     direct_env = {k: v for k, v in unthrottled.items() if k != "LD_PRELOAD"}
     srun = ["srun", "-N1", "-n1", "true"]
-    for env in (unthrottled, throttled):                            # warm up
-        common.spawn_loop(loop, 5, ["true"], env)
-    common.spawn_loop(loop, 5, srun, direct_env)
-    direct, redirected, paced = [], [], []
-    for _ in range(args.rounds):
-        direct += common.spawn_loop(loop, args.n, srun, direct_env)
-        redirected += common.spawn_loop(loop, args.n, ["true"], unthrottled)
-        paced += common.spawn_loop(loop, args.n, ["true"], throttled)
-    for env in (unthrottled, throttled):
-        stop_dispatcher(env)
+    try:
+        for env in (unthrottled, throttled):                        # warm up
+            common.require_setup(env, warmup=["true"], backend="slurm")
+            common.spawn_loop(loop, 5, ["true"], env)
+        common.spawn_loop(loop, 5, srun, direct_env)
+        direct, redirected, paced = [], [], []
+        for _ in range(args.rounds):
+            direct += common.spawn_loop(loop, args.n, srun, direct_env)
+            redirected += common.spawn_loop(loop, args.n, ["true"], unthrottled)
+            paced += common.spawn_loop(loop, args.n, ["true"], throttled)
+    finally:   # also when the setup check refuses
+        for env in (unthrottled, throttled):
+            common.stop_dispatcher(env)
     d, r, p = common.median(direct), common.median(redirected), common.median(paced)
     print(f"`true` {args.n * args.rounds} times each, back to back, alternating rounds, medians")
     print(f"  srun -N1 -n1 true                     {d * 1000:7.2f} ms")
@@ -126,6 +123,9 @@ def many(tmp, args):
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     script = f"for i in $(seq {args.jobs}); do sleep 2 & done; wait"
     try:
+        # warm: the dispatcher starts with the counting PATH; its own calls are not counted
+        common.require_setup(env, warmup=["sleep", "0"], backend="slurm")
+        open(log, "w").close()
         start = time.monotonic()
         proc = subprocess.Popen(["bash", "-c", script], env=env)
         peak, pid = 0, None
@@ -136,8 +136,8 @@ def many(tmp, args):
             time.sleep(0.2)
         elapsed = time.monotonic() - start
         idle_rss = rss_kib(pid) if pid else 0
-        stop_dispatcher(env)
     finally:
+        common.stop_dispatcher(env)
         subprocess.run(["scontrol", "delete", "PartitionName=bench"], capture_output=True)
     counts = collections.Counter()
     stamps = collections.defaultdict(list)
