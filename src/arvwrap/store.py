@@ -2,15 +2,22 @@
 
 SQLite in WAL mode gives atomic commits, so a process killed at any moment leaves
 either the old record or the new one, never a torn one. The database and its
-WAL files are created 0600 inside a 0700 state dir. Nothing from a job's
+-wal and -shm files are 0600 inside a 0700 state dir. Nothing from a job's
 environment is ever stored (secrets live there).
+
+The schema is versioned (`PRAGMA user_version`, see VERSIONS): opening a database
+of an earlier version migrates it in one transaction, which one process does while
+the others wait and then see the new version.
 """
 import datetime
 import json
 import os
+import random
+import re
 import secrets
 import socket
 import sqlite3
+import stat
 import threading
 import time
 
@@ -19,34 +26,65 @@ from arvwrap import paths
 STATES = ("queued", "running", "exited", "signaled", "cancelled", "failed")
 FINAL_STATES = ("exited", "signaled", "cancelled", "failed")
 
-COLUMNS = {
-    "id": "TEXT PRIMARY KEY",
-    "run": "TEXT",
-    "parent": "TEXT",
-    "kind": "TEXT",          # 'run' for a top-level record, 'job' for a redirected call
-    "argv": "TEXT",          # JSON list of str (surrogateescape'd bytes)
-    "cwd": "TEXT",
-    "backend": "TEXT",
-    "backend_id": "TEXT",
-    "state": "TEXT",
-    "exit_status": "INTEGER",
-    "signal": "INTEGER",
-    "created": "TEXT",
-    "started": "TEXT",
-    "ended": "TEXT",
-    "cpus": "REAL",
-    "memory": "INTEGER",
-    "time_limit": "INTEGER",
-    "reason": "TEXT",
-    "rule": "TEXT",
-    "host": "TEXT",
-    "dispatcher": "INTEGER",    # pid of the dispatcher that holds the job (on host)
-    "queued_seconds": "REAL",   # from the call's arrival to its start
-    "cpu_seconds": "REAL",      # user + system of the tool and its children
-    "max_rss": "INTEGER",       # bytes
-}
+# The schema, one entry per version: the columns that version adds (in order) and the
+# statements it runs after adding them. A published version is never edited: a change
+# is a new entry. Every version only adds nullable columns and indexes, so a database
+# migrated by a newer release still works for an older one that is still running.
+VERSIONS = (
+    # 1: the schema of every release before it was versioned (user_version 0): the
+    # first release's columns up to `host`, then four that were added with ALTER TABLE
+    # ADD COLUMN one at a time, outside a transaction, so an unversioned database may
+    # hold any subset of them: the migration adds whichever are missing.
+    ({
+        "id": "TEXT PRIMARY KEY",
+        "run": "TEXT",
+        "parent": "TEXT",
+        "kind": "TEXT",          # 'run' for a top-level record, 'job' for a redirected call
+        "argv": "TEXT",          # JSON list of str (surrogateescape'd bytes)
+        "cwd": "TEXT",
+        "backend": "TEXT",
+        "backend_id": "TEXT",
+        "state": "TEXT",
+        "exit_status": "INTEGER",
+        "signal": "INTEGER",
+        "created": "TEXT",
+        "started": "TEXT",
+        "ended": "TEXT",
+        "cpus": "REAL",
+        "memory": "INTEGER",
+        "time_limit": "INTEGER",
+        "reason": "TEXT",
+        "rule": "TEXT",
+        "host": "TEXT",
+        "dispatcher": "INTEGER",    # pid of the dispatcher that holds the job (on host)
+        "queued_seconds": "REAL",   # from the call's arrival to its start
+        "cpu_seconds": "REAL",      # user + system of the tool and its children
+        "max_rss": "INTEGER",       # bytes
+    }, (
+        "CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run)",
+    )),
+    # 2: issue 9 (the tree, gc) and the contract's `reused_from` (issue 7)
+    ({
+        "reused_from": "TEXT",      # id of the job whose result was reused, or null
+        "shell_pid": "INTEGER",     # an `arv-wrap env` run: the shell that evals it,
+        "shell_start": "INTEGER",   # and its start time (clock ticks after boot)
+    }, (
+        "CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent)",
+        "CREATE INDEX IF NOT EXISTS jobs_kind_state ON jobs(kind, state)",
+    )),
+)
+SCHEMA_VERSION = len(VERSIONS)
+COLUMNS = {name: kind for columns, _ in VERSIONS for name, kind in columns.items()}
+
+BUSY_TIMEOUT = 30          # seconds SQLite itself waits for a lock (its busy handler)
+RETRY_DEADLINE = 30        # seconds we go on retrying what SQLite refuses at once
+WAL_SIZE_LIMIT = 4 << 20   # bytes the -wal file is truncated to when it is reset
+VACUUM_LIMIT = 256 << 20   # a legacy database larger than this is never VACUUMed whole
+VACUUM_CHUNK = 256         # pages freed per (short) write transaction by gc
+GC_BATCH = 200             # runs removed per write transaction by gc
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_BUSY = (sqlite3.SQLITE_BUSY, getattr(sqlite3, "SQLITE_PROTOCOL", 15))
 
 
 def new_id():
@@ -55,15 +93,102 @@ def new_id():
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+def _stamp(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
 def now():
     """ISO 8601 UTC with milliseconds."""
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    return _stamp(datetime.datetime.now(datetime.timezone.utc))
 
 
 def text(raw):
     """bytes -> str the way Python names undecodable bytes (surrogateescape)."""
     return os.fsdecode(raw) if isinstance(raw, bytes) else raw
+
+
+def _storable(value):
+    """A str that is not valid UTF-8 (a cwd with undecodable bytes, which text() names
+    with lone surrogates) cannot be bound as TEXT: it is stored as the BLOB of its
+    bytes, and read back as text() names them."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                return os.fsencode(value)
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace")
+    return value
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw])", re.I)
+
+
+def parse_duration(value):
+    """Seconds (float) from `30d`, `12h`, `90m`, `45s`, `2w`, `1d12h` or a plain number of
+    seconds; 0 is allowed (everything finished). m is minutes, as in the whitelist's
+    `time`; there are no months or years. ValueError if bad or negative."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        s = str(value).strip().replace(" ", "")
+        try:
+            seconds = float(s)
+        except ValueError:
+            if not s or _DURATION_PART.sub("", s):
+                raise ValueError(f"not a duration (like 30d, 12h, 90m): {value!r}") from None
+            seconds = sum(float(n) * _DURATION_UNITS[u.lower()]
+                          for n, u in _DURATION_PART.findall(s))
+    if not seconds >= 0 or seconds == float("inf"):      # also refuses nan
+        raise ValueError(f"not a duration >= 0: {value!r}")
+    return seconds
+
+
+def _busy(error):
+    """Whether an sqlite3 error is a lock another connection holds (worth retrying)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return isinstance(error, sqlite3.OperationalError) and code & 0xFF in _BUSY
+    return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
+
+
+def _retry(step, deadline=RETRY_DEADLINE):
+    """step(), again while SQLite says another connection holds the lock. SQLite's busy
+    handler already waits BUSY_TIMEOUT for most locks; this covers the few it refuses
+    at once (the journal-mode change of a database another process is creating, the
+    WAL recovery of a database another process is opening)."""
+    end = time.monotonic() + deadline
+    pause = 0.005
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > end:
+                raise
+        time.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, 0.1)
+
+
+def _private_file(path, create):
+    """Make path 0600: created so when create and missing (mknod: no descriptor, and
+    its mode is only ever narrowed by the umask), else narrowed with chmod if ours and
+    wider. Never opens the file: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, SQLite's own connections' included, which lets
+    another process reset a -shm this one has mapped (it then dies of SIGBUS)."""
+    if create:
+        try:
+            os.mknod(path, stat.S_IFREG | 0o600)
+            return
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o7177:
+        os.chmod(path, 0o600)
 
 
 class Store:
@@ -75,38 +200,76 @@ class Store:
         self._lock = threading.Lock()
         self._open()
 
+    # -- opening and migrating ----------------------------------------------------
+
     def _open(self):
         paths.private_dir(self.state_dir)
-        if not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
-                                   isolation_level=None)
-        self._inode = os.stat(self.path).st_ino
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return self._prepare()
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self._private_files(before=True)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            self._inode = os.stat(self.path).st_ino
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            self.schema_version = _retry(lambda: self._prepare(db))
+            self._private_files(before=False)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
 
-    def _prepare(self):
-        """WAL mode and the schema. While another process creates the same database,
-        SQLite refuses the mode change at once, without its busy timeout: _open retries."""
-        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name in COLUMNS.keys() - have:     # a database made by an older release
-            try:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {COLUMNS[name]}")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):   # another process added it first
-                    raise
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run)")
+    def _private_files(self, before):
+        """The database and its -wal and -shm files are 0600, whichever process creates
+        them. SQLite creates -wal and -shm with the database's own mode (past the umask);
+        before connecting we also create any that is missing 0600 ourselves (an empty
+        -wal or -shm is what SQLite would create), and after connecting we narrow any
+        that something else made wider. No os.umask: it is process-wide and the
+        dispatcher is multithreaded."""
+        for suffix in ("", "-wal", "-shm"):
+            _private_file(self.path + suffix, create=before)
+
+    def _prepare(self, db):
+        """WAL mode, then the schema brought to SCHEMA_VERSION in one IMMEDIATE
+        transaction: a second process waits for the first's write lock, then sees the
+        new version and has nothing to do. Returns the version the database is at."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:      # the usual case: nothing written at open
+            return version
+        if db.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # a new database: gc frees pages with incremental vacuum. Only possible
+            # before its first page is written, which the switch to WAL does.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                self._migrate(db, number)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return max(version, SCHEMA_VERSION)
+
+    @staticmethod
+    def _migrate(db, number):
+        """Bring the schema from version number - 1 to number (inside the caller's
+        transaction): create the table, or add the version's columns it lacks."""
+        columns, statements = VERSIONS[number - 1]
+        have = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+        if not have:
+            defined = {n: k for cols, _ in VERSIONS[:number] for n, k in cols.items()}
+            db.execute(f"CREATE TABLE jobs ({', '.join(f'{n} {k}' for n, k in defined.items())})")
+        else:
+            for name, kind in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        for statement in statements:
+            db.execute(statement)
 
     def _current(self):
         """The connection, reopened if the database file was removed or replaced
@@ -125,6 +288,13 @@ class Store:
         with self._lock:
             self._db.close()
 
+    # -- records ------------------------------------------------------------------
+
+    def _write(self, sql, params):
+        with self._lock:
+            db = self._current()
+            _retry(lambda: db.execute(sql, params))
+
     def insert(self, record):
         record = dict(record)
         record.setdefault("created", now())
@@ -135,17 +305,15 @@ class Store:
         names = [name for name in record if name in COLUMNS]
         sql = (f"INSERT INTO jobs ({', '.join(names)}) "
                f"VALUES ({', '.join('?' for _ in names)})")
-        with self._lock:
-            self._current().execute(sql, [record[name] for name in names])
+        self._write(sql, [_storable(record[name]) for name in names])
 
     def update(self, job_id, **fields):
         unknown = set(fields) - set(COLUMNS)
         if unknown:
             raise KeyError(f"unknown record fields: {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._current().execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
-                                    [*fields.values(), job_id])
+        self._write(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                    [*map(_storable, fields.values()), job_id])
 
     def orphans(self, alive):
         """Ids of this host's unfinished jobs whose dispatcher is gone (alive(pid) is
@@ -165,13 +333,95 @@ class Store:
         return self.query("ORDER BY id DESC", [])
 
     def query(self, where, params):
-        with self._lock:
+        def select():
             cursor = self._db.execute(f"SELECT * FROM jobs {where}", params)
-            names = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
+            return [d[0] for d in cursor.description], cursor.fetchall()
+        with self._lock:
+            names, rows = _retry(select)
         records = []
         for row in rows:
-            record = dict(zip(names, row))
+            record = {name: text(value) for name, value in zip(names, row)}
             record["argv"] = json.loads(record["argv"] or "[]")
             records.append(record)
         return records
+
+    # -- pruning ------------------------------------------------------------------
+
+    def gc(self, older_than_seconds):
+        """Remove the runs that finished (kind 'run', a final state) with `ended` more
+        than older_than_seconds (a number, or a duration parse_duration reads) ago, with every record of those runs (run = its id);
+        a run any of whose records is not in a final state is kept whole. Then give
+        the freed pages back to the filesystem. Each batch of GC_BATCH runs, and each
+        VACUUM_CHUNK pages freed, is its own short write transaction, so writers wait
+        milliseconds, not the whole gc. Returns (runs removed, other records removed)."""
+        seconds = parse_duration(older_than_seconds)
+        try:
+            cutoff = _stamp(datetime.datetime.now(datetime.timezone.utc)
+                            - datetime.timedelta(seconds=seconds))
+        except OverflowError:       # before year 1: nothing is that old
+            return 0, 0
+        final = ", ".join("?" for _ in FINAL_STATES)
+        eligible = (f"SELECT r.id FROM jobs r WHERE r.kind = 'run' AND r.state IN ({final}) "
+                    f"AND julianday(r.ended) < julianday(?) AND NOT EXISTS ("
+                    f"SELECT 1 FROM jobs j WHERE j.run = r.id "
+                    f"AND (j.state IS NULL OR j.state NOT IN ({final}))) "
+                    f"ORDER BY r.id LIMIT {GC_BATCH}")
+        params = [*FINAL_STATES, cutoff, *FINAL_STATES]
+        runs = records = 0
+        while True:
+            with self._lock:
+                db = self._current()
+                ids, removed = _retry(lambda: self._remove_batch(db, eligible, params))
+            runs += len(ids)
+            records += removed - len(ids)
+            if len(ids) < GC_BATCH:
+                break
+        if runs:
+            self._reclaim()
+        return runs, records
+
+    @staticmethod
+    def _remove_batch(db, eligible, params):
+        """One batch in one IMMEDIATE transaction (the choice and the removal see the
+        same records): (run ids removed, records removed including those runs')."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [row[0] for row in db.execute(eligible, params)]
+            removed = 0
+            if ids:
+                marks = ", ".join("?" for _ in ids)
+                removed = db.execute(f"DELETE FROM jobs WHERE run IN ({marks}) OR id IN ({marks})",
+                                     ids + ids).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return ids, removed
+
+    def _reclaim(self):
+        """Shrink the file by the pages gc freed. A database made by this release has
+        incremental auto-vacuum: free VACUUM_CHUNK pages per transaction. One made
+        before (auto_vacuum none) is converted once by a VACUUM, which holds the write
+        lock while it copies the database; a database above VACUUM_LIMIT is left as it
+        is (SQLite reuses its free pages for new records). Then a PASSIVE checkpoint,
+        which never waits, lets SQLite truncate the database file."""
+        def pragma(sql):
+            with self._lock:
+                db = self._current()
+                return _retry(lambda: db.execute(sql).fetchall())
+        mode = pragma("PRAGMA auto_vacuum")[0][0]
+        if mode == 0:
+            size = pragma("PRAGMA page_count")[0][0] * pragma("PRAGMA page_size")[0][0]
+            if size <= VACUUM_LIMIT and pragma("PRAGMA freelist_count")[0][0]:
+                pragma("PRAGMA auto_vacuum=INCREMENTAL")
+                pragma("VACUUM")
+        elif mode == 2:
+            free = pragma("PRAGMA freelist_count")[0][0]
+            while free:
+                pragma(f"PRAGMA incremental_vacuum({VACUUM_CHUNK})")   # fetchall: a page a row
+                left = pragma("PRAGMA freelist_count")[0][0]
+                if left >= free:        # no progress (cannot happen): do not spin
+                    break
+                free = left
+        pragma("PRAGMA wal_checkpoint(PASSIVE)")
