@@ -1,21 +1,24 @@
 """Build the native parts of arv-wrap next to the Python package.
 
-Three artifacts come out of csrc/:
+Four artifacts come out of csrc/:
   arvwrap/_native/libarvwrap.so    the LD_PRELOAD shim (only the exec hooks exported)
   arvwrap/_native/arv-wrap-client  the tiny program the shim execs for a matched call
+  arvwrap/_native/arv-wrap-helper  --exec for the top-level command, and the Slurm
+                                   backend's relay and launcher (csrc/native.py)
   arvwrap/_match.*.so              the same C matcher for Python, through cffi
 """
-import glob
 import os
 import shlex
 import subprocess
+import sys
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-CLIENT_SOURCES = sorted(glob.glob(os.path.join(CSRC, "client", "*.c")))
+sys.path.insert(0, CSRC)
+import native  # noqa: E402  (csrc/native.py: how the client and the helper are built)
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden", "-D_GNU_SOURCE"]
 # Every process of a pipeline loads the shim, so its load cost is paid per exec:
 # two LOAD segments instead of four, and no RELRO mprotect, measured at about
@@ -33,15 +36,14 @@ SHIM_CFLAGS = ["-fno-tree-loop-distribute-patterns"]
 
 
 def compile_native(out_dir):
-    """Compile the shim and the client into out_dir with the system C compiler."""
+    """Compile the shim, the client and the helper into out_dir with the system C compiler."""
     cc = shlex.split(os.environ.get("CC", "cc"))
     os.makedirs(out_dir, exist_ok=True)
     shim = os.path.join(out_dir, "libarvwrap.so")
-    client = os.path.join(out_dir, "arv-wrap-client")
     src = lambda *names: [os.path.join(CSRC, n) for n in names]
     subprocess.check_call(cc + CFLAGS + SHIM_CFLAGS + SHIM_LDFLAGS
                           + ["-fPIC", "-shared", "-o", shim] + src("shim.c", "match.c"))
-    subprocess.check_call(cc + CFLAGS + ["-o", client] + CLIENT_SOURCES)
+    native.build(out_dir, os.environ.get("CC", "cc"))
 
 
 class BuildNative(build_ext):

@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import cli, store, whitelist  # noqa: E402
+from arvwrap import activation, store, whitelist  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def environments(empty):
     files = [os.path.join(ROOT, "whitelists", "demo.yaml")]
     base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
-    active = cli.activation_env(files, whitelist.load(files), {"backend": None},
+    active = activation.activation_env(files, whitelist.load(files), {"backend": None},
                                 store.new_id(), base)
     variables = {k: v for k, v in active.items() if k != "LD_PRELOAD"}
     return {

@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import cli, paths, whitelist  # noqa: E402
+from arvwrap import activation, paths, whitelist  # noqa: E402
 
 
 def activated_env(tmp):
@@ -28,7 +28,7 @@ def activated_env(tmp):
     if "PYTHONPATH" in os.environ:   # a source checkout: the dispatcher must import it too
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     rules = whitelist.load([rules_file])
-    env.update(cli.activation_env([rules_file], rules, {"backend": "local"}, "bench", env))
+    env.update(activation.activation_env([rules_file], rules, {"backend": "local"}, "bench", env))
     return env
 
 

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import cli, store, whitelist  # noqa: E402
+from arvwrap import activation, store, whitelist  # noqa: E402
 
 # Not ARV_WRAP_*: jobs keep it (arv-wrap strips its own variables), so the tools
 # are found by it too.
@@ -77,7 +77,7 @@ def base_env(tmp, bin_dir, name, extra=()):
 
 def activated(env, rules_file):
     rules = whitelist.load([rules_file])
-    return {**env, **cli.activation_env([rules_file], rules, {"backend": "local"}, "bench", env)}
+    return {**env, **activation.activation_env([rules_file], rules, {"backend": "local"}, "bench", env)}
 
 
 # -- processes --

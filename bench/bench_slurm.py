@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from arvwrap import cli, whitelist  # noqa: E402
+from arvwrap import activation, whitelist  # noqa: E402
 
 COUNTED = ("srun", "squeue", "sacct", "scontrol", "sinfo", "scancel")
 
@@ -44,7 +44,7 @@ def activated_env(tmp, name, rules_text, extra=None):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     env.update(extra or {})
     rules = whitelist.load([rules_file])
-    env.update(cli.activation_env([rules_file], rules, {"backend": "slurm"}, "bench", env))
+    env.update(activation.activation_env([rules_file], rules, {"backend": "slurm"}, "bench", env))
     return env
 
 

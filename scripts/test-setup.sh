@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 packages=(gcc make bash coreutils findutils procps)
 # examples/align (tests/test_align.py): the real tools, and javac for its Java driver
 packages+=(bwa samtools bcftools openjdk-17-jdk-headless)
+# tests/test_report.py: the HTML report, loaded in real headless Chromium
+packages+=(chromium)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -25,3 +27,4 @@ if command -v pyenv >/dev/null; then pyenv rehash; fi   # so `snakemake` is on P
 
 # A one-node Slurm cluster on loopback (installs Slurm and munge when missing).
 bash scripts/slurm-cluster.sh up
+bash scripts/docker-engine.sh   # a local dockerd and the docker backend's test images

@@ -1,8 +1,8 @@
 """Shared fixtures: an isolated state dir and the environment that activates arv-wrap."""
-import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -15,19 +15,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def client():
-    """The real client, (re)built from csrc/client/ when missing or stale (a source
-    checkout being edited); an installed one is newer than its source."""
-    sources = glob.glob(os.path.join(ROOT, "csrc", "client", "*.[ch]"))
-    newest = max(os.path.getmtime(s) for s in sources)
-    if not os.path.exists(paths.CLIENT) or os.path.getmtime(paths.CLIENT) < newest:
-        os.makedirs(paths.NATIVE, exist_ok=True)
-        tmp = f"{paths.CLIENT}.{os.getpid()}.tmp"
-        subprocess.run(["cc", "-O2", "-g", "-Wall", "-Wextra", "-fvisibility=hidden",
-                        "-D_GNU_SOURCE", "-o", tmp, *(s for s in sources if s.endswith(".c"))],
-                       check=True)
-        os.replace(tmp, paths.CLIENT)   # atomic: a running copy is never written to
-    return paths.CLIENT
+def native_programs():
+    """The real client and helper, (re)built from csrc/ when missing or stale (a source
+    checkout being edited); an installed pair is newer than its sources."""
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))
+    import native
+    newest = max(os.path.getmtime(s) for s in native.sources())
+    if any(not os.path.exists(p) or os.path.getmtime(p) < newest
+           for p in (paths.CLIENT, paths.HELPER)):
+        native.build(paths.NATIVE)
+    return paths.CLIENT, paths.HELPER
+
+
+@pytest.fixture(scope="session")
+def client(native_programs):
+    return native_programs[0]
+
+
+@pytest.fixture(scope="session")
+def helper(native_programs):
+    return native_programs[1]
 
 
 def need(program):

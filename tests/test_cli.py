@@ -125,6 +125,26 @@ def test_check_explains_the_decision_without_running(env):
     assert "note: larger than the local backend offers (16 CPUs > 2): clamped" in text
 
 
+def test_check_says_what_process_state_crosses_to_the_backend(env):
+    def state_lines(*args):
+        text = out("check", *args, "--", "step", env=env).stdout.decode()
+        return [line for line in text.splitlines() if line.startswith("process state: ")]
+    [local] = state_lines()
+    assert "as a plain exec" in local and "every descriptor" in local and "nice" in local
+    crosses, stays, streams = state_lines("-b", "slurm")
+    assert crosses.startswith("process state: crosses to the node: argv, environment")
+    for what in ("umask", "soft rlimits", "nice", "ignored signals", "signal mask"):
+        assert what in crosses, what
+    assert stays.startswith("process state: does not cross: descriptors other than 0-2")
+    for what in ("/dev/fd argument runs the call on the local backend", "groups",
+                 "hard rlimits", "CPU affinity", "cgroup", "namespaces", "oom_score_adj",
+                 "no_new_privs"):
+        assert what in stays, what
+    assert "stdout and stderr are sockets" in streams
+    # no job, no note: a call that is not redirected keeps everything
+    assert "process state" not in out("check", "--", "ls", env=env).stdout.decode()
+
+
 def test_jobs_json_and_run_filter(env):
     out("--", "step", env=env)
     out("--", "step", env=env)
@@ -136,8 +156,12 @@ def test_jobs_json_and_run_filter(env):
     for field in ("id", "run", "parent", "argv", "cwd", "backend", "backend_id", "state",
                   "exit_status", "signal", "started", "ended", "cpus", "memory", "reason"):
         assert field in one[0]
-    table = out("jobs", env=env).stdout.decode()
-    assert table.splitlines()[0].startswith("ID") and len(table.splitlines()) == 5
+    table = out("jobs", env=env).stdout.decode().splitlines()     # the runs
+    assert table[0].startswith("RUN") and len(table) == 3
+    assert "1 exited" in table[1] and "1 exited" in table[2]
+    tree = out("jobs", "--tree", env=env).stdout.decode().splitlines()
+    assert tree[0].startswith("JOB") and len(tree) == 5
+    assert [line.startswith("  ") for line in tree[1:]] == [False, True, False, True]
 
 
 def test_doctor_checks_the_chain(env):

@@ -263,6 +263,41 @@ def test_client_with_scripted_dispatcher_leaves_ignored_signals_ignored(client, 
     assert server.signals == [signal.SIGTERM]
 
 
+def status_sigsets(preexec):
+    """(SigIgn, SigBlk) of a process exec'd directly after preexec, as bitmasks."""
+    out = subprocess.run(["cat", "/proc/self/status"], preexec_fn=preexec,
+                         capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+    return int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+
+
+@pytest.mark.parametrize("nice", [5, -1])
+def test_client_sends_the_callers_nice_ignored_and_blocked_signals(client, env, nice):
+    """What a remote backend must rebuild: nohup's SIGHUP (and another ignored one), a
+    blocked SIGUSR1 and real-time signal, and nice -1, a valid value that getpriority
+    also returns on failure. They are the caller's, not changed by the client's own
+    handlers."""
+    if nice < 0 and os.geteuid() != 0:
+        pytest.skip("a negative nice needs privilege")
+    rt = signal.SIGRTMIN + 3
+
+    def preexec():
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, rt})
+
+    ignored, blocked = status_sigsets(preexec)
+    assert ignored & 1 << (signal.SIGHUP - 1) and blocked & 1 << (rt - 1)
+    server = ScriptedDispatcher(env, reply("exit 0"))
+    proc = subprocess.run([client, "--shim", "0", "/bin/true", "true"], env=env,
+                          preexec_fn=preexec, timeout=30)
+    server.join()
+    assert proc.returncode == 0
+    req = server.request
+    assert (req.nice, req.ignored_signals, req.blocked_signals) == (nice, ignored, blocked)
+
+
 def test_client_with_scripted_dispatcher_sees_eof_when_client_is_killed(client, env):
     server = ScriptedDispatcher(env, lambda conn, s: s.wait_signal(conn))
     proc = subprocess.Popen([client, "--shim", "0", "/bin/true", "true"], env=env)
@@ -468,31 +503,50 @@ def test_client_probe_mode_appends_records_without_a_dispatcher(client, env, tmp
     assert not os.path.exists(paths.socket_path(env))
 
 
-def test_client_exec_mode_runs_the_command(client, env):
-    proc = subprocess.run([client, "--exec", "echo", "hi  there"], env=env, capture_output=True)
+def test_client_exec_mode_runs_the_command(helper, env):
+    proc = subprocess.run([helper, "--exec", "echo", "hi  there"], env=env, capture_output=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"hi  there\n", b"")
 
 
-def test_client_exec_mode_enoent_is_127(client, env):
-    proc = subprocess.run([client, "--exec", "no-such-arvwrap-cmd"], env=env, capture_output=True)
+def test_client_exec_mode_enoent_is_127(helper, env):
+    proc = subprocess.run([helper, "--exec", "no-such-arvwrap-cmd"], env=env, capture_output=True)
     assert proc.returncode == 127
     assert proc.stderr == b"arv-wrap: no-such-arvwrap-cmd: No such file or directory\n"
 
 
-def test_client_exec_mode_eacces_is_126(client, env, tmp_path):
+def test_client_exec_mode_eacces_is_126(helper, env, tmp_path):
     tool = tmp_path / "not-executable"
     tool.write_text("#!/bin/sh\n")
-    proc = subprocess.run([client, "--exec", str(tool)], env=env, capture_output=True)
+    proc = subprocess.run([helper, "--exec", str(tool)], env=env, capture_output=True)
     assert proc.returncode == 126
     assert proc.stderr == f"arv-wrap: {tool}: Permission denied\n".encode()
 
 
 @pytest.mark.parametrize("args", [[], ["--shim"], ["--shim", "0"], ["--shim", "x", "/bin/true"],
-                                  ["--exec"], ["--bogus", "a", "b"]])
+                                  ["--exec", "true"], ["--bogus", "a", "b"]])
 def test_client_usage_errors_exit_2(client, env, args):
     proc = subprocess.run([client, *args], env=env, capture_output=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith(b"usage: arv-wrap-client")
+    assert proc.stderr.startswith(b"usage: arv-wrap-")
+
+
+@pytest.mark.parametrize("args", [[], ["--exec"], ["--relay", "a"], ["--shim", "0", "/bin/true"]])
+def test_helper_usage_errors_exit_2(helper, env, args):
+    proc = subprocess.run([helper, *args], env=env, capture_output=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(b"usage: arv-wrap-helper")
+
+
+def test_the_client_is_static_where_the_system_allows_and_the_helper_dynamic(client, helper):
+    """The client runs once per call (no dynamic loading); the helper needs the shim."""
+    def interpreter(path):
+        with open(path, "rb") as f:
+            return b".interp" in f.read()   # the section naming ld.so, in dynamic programs
+    assert interpreter(helper)
+    static_libc = subprocess.run(["cc", "-print-file-name=libc.a"], capture_output=True,
+                                 text=True).stdout.strip()
+    if os.path.isabs(static_libc):
+        assert not interpreter(client)
 
 
 # -- --relay: the Slurm task on the node ----------------------------------------------
@@ -558,6 +612,11 @@ def listener():
     server.close()
 
 
+def relay(helper, argv0, path, *args):
+    """The helper's --relay argv for a tool: each word of the tool's argv with its "+"."""
+    return [helper, "--relay", path, *("+" + a for a in (argv0, *args))]
+
+
 def relay_env(env, listener, token="0123abcd", **extra):
     env = dict(env, ARV_WRAP_SLURM_HOST="127.0.0.1", ARV_WRAP_SLURM_PORT=str(listener.port),
                ARV_WRAP_SLURM_TOKEN=token)
@@ -574,31 +633,31 @@ def wait_for(predicate, timeout=5.0):
     return predicate()
 
 
-def test_client_relay_sends_tokens_and_carries_the_streams(client, env, listener):
+def test_client_relay_sends_tokens_and_carries_the_streams(helper, env, listener):
     script = "printf out; printf err >&2; exit 3"
-    proc = subprocess.run([client, "--relay", "sh", "/bin/sh", "-c", script],
+    proc = subprocess.run(relay(helper, "sh", "/bin/sh", "-c", script),
                           env=relay_env(env, listener), capture_output=True, timeout=10)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, b"", b"")
     assert wait_for(lambda: listener.received == [b"o0123abcd\nout", b"e0123abcd\nerr"])
 
 
-def test_client_relay_execs_with_argv0_and_args_exactly(client, env, listener):
+def test_client_relay_execs_with_argv0_and_args_exactly(helper, env, listener):
     code = "import sys; sys.stdout.buffer.write(open('/proc/self/cmdline', 'rb').read())"
-    args = ["two words", "", "quote'\"", "new\nline", "-x"]
-    proc = subprocess.run([client, "--relay", "my argv0", sys.executable, "-S", "-c", code,
-                           *args], env=relay_env(env, listener), capture_output=True, timeout=10)
+    args = ["two words", "", "quote'\"", "new\nline", "-x", ":", "+", "+x"]  # ":": see relay()
+    proc = subprocess.run(relay(helper, "my argv0", sys.executable, "-S", "-c", code,
+                           *args), env=relay_env(env, listener), capture_output=True, timeout=10)
     assert (proc.returncode, proc.stderr) == (0, b"")
     expected = b"\0".join(a.encode() for a in ["my argv0", "-S", "-c", code, *args]) + b"\0"
     assert wait_for(lambda: listener.received[:1] == [b"o0123abcd\n" + expected])
 
 
-def test_client_relay_gives_the_tool_the_callers_env(client, env, listener):
+def test_client_relay_gives_the_tool_the_callers_env(helper, env, listener):
     base = {"PATH": "/usr/bin:/bin", "KEEP": "kept"}
     renv = relay_env(base, listener, ARV_WRAP_SLURM_PWD="=/caller dir",
                      ARV_WRAP_SLURM_SHLVL="=007", ARV_WRAP_SLURM_DISABLE="=",
                      ARV_WRAP_SLURM_BASH_ENV="=/some/rc", ARV_WRAP_SLURM_OTHER="x",
                      PWD="/node", SHLVL="1", ARV_WRAP_DISABLE="1", BASH_ENV="/srun")
-    proc = subprocess.run([client, "--relay", "env", "/usr/bin/env", "-0"], env=renv,
+    proc = subprocess.run(relay(helper, "env", "/usr/bin/env", "-0"), env=renv,
                           capture_output=True, timeout=10)
     assert (proc.returncode, proc.stderr) == (0, b"")
     assert wait_for(lambda: len(listener.received) == 2 and b"KEEP" in listener.received[0])
@@ -611,19 +670,19 @@ def test_client_relay_gives_the_tool_the_callers_env(client, env, listener):
         b"ARV_WRAP_DISABLE=", b"BASH_ENV=/some/rc"])
 
 
-def test_client_relay_argv0_is_exact(client, env, listener, tmp_path):
+def test_client_relay_argv0_is_exact(helper, env, listener, tmp_path):
     out = tmp_path / "cmdline"
-    proc = subprocess.run([client, "--relay", "custom-name", "/bin/sh", "-c",
-                           f"cat /proc/$$/cmdline > '{out}'"],
+    proc = subprocess.run(relay(helper, "custom-name", "/bin/sh", "-c",
+                           f"cat /proc/$$/cmdline > '{out}'"),
                           env=relay_env(env, listener), capture_output=True, timeout=10)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes().split(b"\0")[:2] == [b"custom-name", b"-c"]
 
 
-def test_client_relay_unsets_what_the_caller_did_not_have(client, env, listener, tmp_path):
+def test_client_relay_unsets_what_the_caller_did_not_have(helper, env, listener, tmp_path):
     renv = relay_env({"PATH": "/usr/bin:/bin", "BASH_ENV": "/from/srun"}, listener,
                      PWD="/node", SHLVL="4", ARV_WRAP_DISABLE="1")
-    proc = subprocess.run([client, "--relay", "env", "/usr/bin/env"], env=renv,
+    proc = subprocess.run(relay(helper, "env", "/usr/bin/env"), env=renv,
                           capture_output=True, timeout=10)
     assert proc.returncode == 0, proc.stderr
     assert wait_for(lambda: len(listener.received) == 2 and b"BASH_ENV" in listener.received[0])
@@ -633,15 +692,34 @@ def test_client_relay_unsets_what_the_caller_did_not_have(client, env, listener,
     assert lines == {"PATH=/usr/bin:/bin", "BASH_ENV=/from/srun"}
 
 
+def test_client_relay_gives_the_tool_the_callers_nice_and_signal_state(helper, env, listener,
+                                                                      tmp_path):
+    """What slurmstepd does not pass on: nice 7, SIGHUP ignored (and SIGINT, which the
+    relay's own parent ignores, not), SIGUSR2 and signal 64 blocked."""
+    out = tmp_path / "state"
+    hup, blk = 1 << (signal.SIGHUP - 1), 1 << (signal.SIGUSR2 - 1) | 1 << 63
+    renv = relay_env(env, listener, ARV_WRAP_SLURM_NICE="7", ARV_WRAP_SLURM_SIGIGN=f"{hup:x}",
+                     ARV_WRAP_SLURM_SIGBLK=f"{blk:x}")
+    proc = subprocess.run(relay(helper, "sh", "/bin/sh", "-c",
+                           f"exec cat /proc/self/stat /proc/self/status > '{out}'"),
+                          env=renv, capture_output=True, timeout=10,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0, proc.stderr
+    stat, status = out.read_text().split("\n", 1)
+    fields = dict(line.split(":\t", 1) for line in status.splitlines())
+    assert int(stat.rsplit(")", 1)[1].split()[16]) == 7          # field 19: nice
+    assert (int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)) == (hup, blk)
+
+
 @pytest.mark.parametrize("make, status, why", [
     (None, 127, "No such file or directory"),
     ("noexec", 126, "Permission denied"),
 ])
-def test_client_relay_exec_failure(client, env, listener, tmp_path, make, status, why):
+def test_client_relay_exec_failure(helper, env, listener, tmp_path, make, status, why):
     tool = tmp_path / "tool"
     if make:
         tool.write_text("#!/bin/sh\n")
-    proc = subprocess.run([client, "--relay", "tool", str(tool)], env=relay_env(env, listener),
+    proc = subprocess.run(relay(helper, "tool", str(tool)), env=relay_env(env, listener),
                           capture_output=True, timeout=10)
     assert proc.returncode == status
     assert proc.stdout == b""
@@ -651,22 +729,22 @@ def test_client_relay_exec_failure(client, env, listener, tmp_path, make, status
     assert wait_for(lambda: expected in listener.received), listener.received
 
 
-def test_client_relay_cannot_connect_is_125_and_one_line(client, env):
+def test_client_relay_cannot_connect_is_125_and_one_line(helper, env):
     spare = socket.socket()
     spare.bind(("127.0.0.1", 0))
     port = spare.getsockname()[1]
     spare.close()                                   # nobody listens there
     renv = dict(env, ARV_WRAP_SLURM_HOST="127.0.0.1", ARV_WRAP_SLURM_PORT=str(port),
                 ARV_WRAP_SLURM_TOKEN="t")
-    proc = subprocess.run([client, "--relay", "true", "/bin/true"], env=renv,
+    proc = subprocess.run(relay(helper, "true", "/bin/true"), env=renv,
                           capture_output=True, timeout=10)
     assert (proc.returncode, proc.stdout) == (125, b"")
     assert proc.stderr == (f"arv-wrap-relay: cannot connect to 127.0.0.1:{port}: "
                            "Connection refused\n").encode()
 
 
-def test_client_relay_without_its_variables_is_125(client, env):
-    proc = subprocess.run([client, "--relay", "true", "/bin/true"], env=env,
+def test_client_relay_without_its_variables_is_125(helper, env):
+    proc = subprocess.run(relay(helper, "true", "/bin/true"), env=env,
                           capture_output=True, timeout=10)
     assert proc.returncode == 125
     assert proc.stderr.startswith(b"arv-wrap-relay: ") and proc.stderr.count(b"\n") == 1
@@ -674,18 +752,18 @@ def test_client_relay_without_its_variables_is_125(client, env):
 
 # -- --launch: what the Slurm backend puts in front of srun ----------------------------
 
-def launch(client, env, *opts, cmd, **kw):
-    return subprocess.run([client, "--launch", str(os.getpid()), *opts, "--", *cmd], env=env,
+def launch(helper, env, *opts, cmd, **kw):
+    return subprocess.run([helper, "--launch", str(os.getpid()), *opts, "--", *cmd], env=env,
                           capture_output=True, timeout=10, **kw)
 
 
-def test_client_launch_sets_limits_and_umask(client, env):
+def test_client_launch_sets_limits_and_umask(helper, env):
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     soft = min(nofile[0], 321)
     core = resource.getrlimit(resource.RLIMIT_CORE)
     core_soft = 0 if core[1] != resource.RLIM_INFINITY else 4096
     cmd = ["/bin/sh", "-c", "umask; ulimit -Sn; ulimit -Hn; ulimit -Sc"]
-    proc = launch(client, env, "-u", "27", "-l", f"{resource.RLIMIT_NOFILE}:{soft}:{soft}",
+    proc = launch(helper, env, "-u", "27", "-l", f"{resource.RLIMIT_NOFILE}:{soft}:{soft}",
                   "-l", f"{resource.RLIMIT_CORE}:{core_soft // 512 * 512}:"
                   f"{'u' if core[1] == resource.RLIM_INFINITY else core[1]}", cmd=cmd)
     assert proc.returncode == 0, proc.stderr
@@ -694,8 +772,8 @@ def test_client_launch_sets_limits_and_umask(client, env):
     assert int(lines[3]) * 1024 == core_soft // 512 * 512 or int(lines[3]) * 512 == core_soft
 
 
-def test_client_launch_sets_pdeathsig_and_keeps_argv_env(client, env):
-    proc = launch(client, dict(env, LAUNCH_VAR="v"), cmd=[
+def test_client_launch_sets_pdeathsig_and_keeps_argv_env(helper, env):
+    proc = launch(helper, dict(env, LAUNCH_VAR="v"), cmd=[
         "/usr/bin/python3", "-S", "-c",
         "import ctypes, signal, sys, os; libc = ctypes.CDLL(None); s = ctypes.c_int(); "
         "libc.prctl(2, ctypes.byref(s)); print(s.value, sys.argv[1:], os.environ['LAUNCH_VAR'])",
@@ -704,10 +782,10 @@ def test_client_launch_sets_pdeathsig_and_keeps_argv_env(client, env):
     assert proc.stdout.decode() == f"{int(signal.SIGKILL)} ['a b', ''] v\n"
 
 
-def test_client_launch_child_dies_with_its_parent(client, env, tmp_path):
+def test_client_launch_child_dies_with_its_parent(helper, env, tmp_path):
     pidfile = tmp_path / "pid"
     # a middle process starts the launcher, then exits: the launched sleep must die too
-    middle = (f"import os, subprocess, time; p = subprocess.Popen(['{client}', '--launch', "
+    middle = (f"import os, subprocess, time; p = subprocess.Popen(['{helper}', '--launch', "
               f"str(os.getpid()), '--', '/bin/sh', '-c', 'echo $$ > {pidfile}; exec sleep 60']); "
               f"time.sleep(1)")
     subprocess.run([sys.executable, "-S", "-c", middle], env=env, timeout=20)
@@ -716,18 +794,18 @@ def test_client_launch_child_dies_with_its_parent(client, env, tmp_path):
                     or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z")
 
 
-def test_client_launch_gone_parent_and_exec_failure(client, env):
-    proc = subprocess.run([client, "--launch", "1", "--", "/bin/true"], env=env,
+def test_client_launch_gone_parent_and_exec_failure(helper, env):
+    proc = subprocess.run([helper, "--launch", "1", "--", "/bin/true"], env=env,
                           capture_output=True, timeout=10)
     assert proc.returncode == 125           # its parent is not pid 1: the parent is gone
-    proc = launch(client, env, cmd=["/no/such/srun"])
+    proc = launch(helper, env, cmd=["/no/such/srun"])
     assert proc.returncode == 127
     assert proc.stderr == b"arv-wrap: /no/such/srun: No such file or directory\n"
 
 
 @pytest.mark.parametrize("opts", [[], ["-u", "9"], ["-l", "7"], ["-l", "7:1"], ["-l", "x:1:1"],
                                   ["-z", "1"]])
-def test_client_launch_usage_errors_exit_2(client, env, opts):
-    proc = subprocess.run([client, "--launch", str(os.getpid()), *opts, "--"], env=env,
+def test_client_launch_usage_errors_exit_2(helper, env, opts):
+    proc = subprocess.run([helper, "--launch", str(os.getpid()), *opts, "--"], env=env,
                           capture_output=True, timeout=10)
-    assert proc.returncode == 2 and proc.stderr.startswith(b"usage: arv-wrap-client")
+    assert proc.returncode == 2 and proc.stderr.startswith(b"usage: arv-wrap-helper")

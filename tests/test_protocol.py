@@ -200,6 +200,19 @@ def test_good_handmade_request_parses():
                 (1, b"/bin/true", [b"true"], b"/", 18, 123)
             assert req.rlimits == [(7, 1024, resource.RLIM_INFINITY)]
             assert list(req.fds) == [5] and req.cwd_fd is None
+            # an older client sends no process state: none is assumed
+            assert (req.nice, req.ignored_signals, req.blocked_signals) == (None, None, None)
+
+
+def test_process_state_fields_parse():
+    a, b = socket.socketpair()
+    with a, b:
+        send_raw(a, GOOD + field(b"N", b"-1") + field(b"G", b"1")
+                 + field(b"B", b"8000000000000200"))
+        with protocol.read_request(b) as req:
+            assert req.nice == -1
+            assert req.ignored_signals == 1             # SIGHUP (1)
+            assert req.blocked_signals == 1 << 63 | 1 << 9   # signals 64 and 10 (SIGUSR1)
 
 
 MALFORMED = {
@@ -222,6 +235,14 @@ MALFORMED = {
     "more fds than F": dict(payload=GOOD + field(b"F", b"cwd"), nfds=2),
     "F twice": dict(payload=GOOD + field(b"F", b"1") + field(b"F", b"1"), nfds=2),
     "F not a number": dict(payload=GOOD + field(b"F", b"one"), nfds=1),
+    "nice out of range": dict(payload=GOOD + field(b"N", b"20")),
+    "nice not decimal": dict(payload=GOOD + field(b"N", b"+1")),
+    "nice empty": dict(payload=GOOD + field(b"N", b"")),
+    "nice twice": dict(payload=GOOD + field(b"N", b"1") + field(b"N", b"1")),
+    "ignored not hex": dict(payload=GOOD + field(b"G", b"0x1")),
+    "ignored over 64 signals": dict(payload=GOOD + field(b"G", b"1" + b"0" * 16)),
+    "blocked upper case": dict(payload=GOOD + field(b"B", b"FF")),
+    "blocked twice": dict(payload=GOOD + field(b"B", b"0") + field(b"B", b"0")),
 }
 
 

@@ -196,6 +196,41 @@ def test_memory_limit_kills_job(slurm):
     assert elapsed < 15, f"memory limit took {elapsed:.1f}s"
 
 
+def started_step(name, script):
+    """srun of a task running script (sh), once it has printed its first line."""
+    proc = subprocess.Popen(["srun", "-J", name, "sh", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    job_id = run(["squeue", "-h", "-n", name, "-o", "%i"], timeout=20).stdout.strip()
+    assert job_id.isdigit()
+    return proc, job_id
+
+
+# The Slurm backend's relay runs the tool as its child, and relies on these two.
+
+def test_a_signal_to_a_step_reaches_the_tasks_children_too(slurm):
+    """So the relay does not pass on what slurmstepd sends: the tool has it already."""
+    name = f"arvwrap-test-signal-{os.getpid()}"
+    child = "trap 'echo child got it; exit 0' USR1; while :; do sleep 0.1; done"
+    proc, job_id = started_step(name, f"sh -c \"{child}\" & trap 'echo task got it' USR1; "
+                                      "echo ready; wait; wait")
+    assert run(["scancel", "--signal=USR1", job_id], timeout=20).returncode == 0
+    out, _ = proc.communicate(timeout=30)
+    assert sorted(out.splitlines()) == ["child got it", "task got it"]
+
+
+def test_cancelling_a_step_kills_the_tasks_children_too(slurm):
+    """SIGTERM to every process of the step, then SIGKILL after KillWait (5 s) to those
+    still there: proctrack/linuxproc follows the task's descendants. (Only those: a
+    child whose parent died first is out of its reach, which is why the relay never
+    dies before the tool.)"""
+    name = f"arvwrap-test-tree-{os.getpid()}"
+    proc, job_id = started_step(name, "trap '' TERM; sh -c 'exec sleep 4250' & echo ready; wait")
+    assert run(["scancel", job_id], timeout=20).returncode == 0
+    proc.communicate(timeout=30)
+    assert not run(["pgrep", "-f", "^sleep 4250$"], timeout=10).stdout
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="stopping slurmctld needs root")
 def test_controller_stop_and_start(slurm):
     try:

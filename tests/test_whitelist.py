@@ -673,8 +673,8 @@ def test_choose_backend(write):
 
 def test_not_built_keys(write):
     wl = load([write("tools: [{name: a, image: 'x:1', reuse: true}, {name: b, reuse: false}]")])
-    assert set(whitelist.NOT_BUILT) == {"image", "reuse"}
-    assert wl.rules[0].not_built() == [whitelist.NOT_BUILT["image"], whitelist.NOT_BUILT["reuse"]]
+    assert set(whitelist.NOT_BUILT) == {"reuse"}
+    assert wl.rules[0].not_built() == [whitelist.NOT_BUILT["reuse"]]   # image: -b docker
     assert wl.rules[1].not_built() == []
 
 

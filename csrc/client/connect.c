@@ -7,7 +7,7 @@
  * failure as one line of text on its --report-fd, which becomes our message.
  */
 #include "connect.h"
-#include "common.h"
+#include "../common/common.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -169,7 +169,7 @@ static char *preload_without_shim(const char *value)
     return out;
 }
 
-static char **daemon_environ(void)
+char **environ_without_shim(void)
 {
     size_t n = 0, j = 0;
     while (environ[n])
@@ -258,7 +258,7 @@ static _Noreturn void exec_dispatcher(int w, const char *sock, const char *state
     fcntl(w, F_SETFD, 0);                           /* the dispatcher inherits it */
     char *argv[] = {(char *)python(), "-m", "arvwrap.dispatcher", "--socket", (char *)sock,
                     "--state-dir", (char *)state, "--report-fd", wfd, NULL};
-    exec_search(argv[0], argv, daemon_environ());
+    exec_search(argv[0], argv, environ_without_shim());
     dprintf(w, "cannot run %s: %s\n", python(), strerror(errno));
     _exit(127);
 }

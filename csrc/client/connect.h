@@ -10,4 +10,8 @@
  * state dir of another user's, with no usable one of its own): why then says so. */
 int connect_dispatcher(char *why, size_t cap);
 
+/* environ with arv-wrap's shim taken out of LD_PRELOAD (the variable dropped if
+ * nothing else is left): for the dispatcher, and for a call arv-wrap cannot serve. */
+char **environ_without_shim(void);
+
 #endif

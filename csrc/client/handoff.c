@@ -19,7 +19,7 @@
  *    retried on EINTR.
  */
 #include "handoff.h"
-#include "common.h"
+#include "../common/common.h"
 #include "connect.h"
 #include "wire.h"
 
@@ -183,9 +183,9 @@ static _Noreturn void end_as(int status)
 static void handle_line(const char *line, struct reader *r, const char *resolved, char **targv);
 
 /* Become the tool, unredirected: a raw execve, which the shim loaded in us does not see. */
-static _Noreturn void exec_in_place(const char *resolved, char **targv)
+static _Noreturn void exec_in_place(const char *resolved, char **targv, char **envp)
 {
-    syscall(SYS_execve, resolved, targv, environ);
+    syscall(SYS_execve, resolved, targv, envp);
     int err = errno;
     say(resolved, ": ", strerror(err));
     _exit(exec_status(err));
@@ -241,7 +241,7 @@ static void handle_line(const char *line, struct reader *r, const char *resolved
     } else if ((arg = reply_is(line, "job"))) {
         /* informational */
     } else if (reply_is(line, "local") && r) {      /* never once the tool ran here */
-        exec_in_place(resolved, targv);
+        exec_in_place(resolved, targv, environ);
     } else if ((arg = reply_is(line, "exit"))) {
         if ((n = parse_number(arg, 0, 255, &end)) < 0 || *end)
             fail("bad reply from the dispatcher: ", line);
@@ -306,12 +306,13 @@ _Noreturn void run_shim(const char *idx, const char *resolved, char **targv)
     struct fdlist fds;
     collect_fds(&fds, targv);                       /* before we open anything else */
     struct buf req = {0};
-    build_request(&req, idx, resolved, targv, &fds);
+    build_request(&req, idx, resolved, targv, &fds);  /* before start_forwarding changes
+                                                        the signal state it reports */
     char why[PATH_MAX + 128];
     sock_fd = connect_dispatcher(why, sizeof why);
     if (sock_fd < 0) {                              /* no dispatcher of ours: as without us */
         say("running ", resolved, " locally, not as a job: ", why);
-        exec_in_place(resolved, targv);
+        exec_in_place(resolved, targv, environ_without_shim());   /* nor its children */
     }
     start_forwarding();
     send_request(sock_fd, &req, &fds);

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/resource.h>
@@ -103,6 +104,32 @@ static void put_rlimits(struct buf *b)
     }
 }
 
+/* The caller's nice and signal state, for a backend that must rebuild them where the
+ * tool runs (a Slurm task inherits neither). Read before we install any handler or
+ * block anything, so they are the caller's. */
+static void put_process_state(struct buf *b)
+{
+    errno = 0;                         /* -1 is a valid nice: only errno tells a failure */
+    int nice = getpriority(PRIO_PROCESS, 0);
+    if (nice != -1 || !errno)
+        put_number(b, 'N', nice);
+    sigset_t blocked;
+    sigprocmask(SIG_BLOCK, NULL, &blocked);
+    unsigned long long ignored = 0, mask = 0;
+    for (int sig = 1; sig <= 64 && sig < NSIG; sig++) {     /* bit sig-1 for signal sig */
+        struct sigaction old;
+        if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+            ignored |= 1ULL << (sig - 1);
+        if (sigismember(&blocked, sig) == 1)
+            mask |= 1ULL << (sig - 1);
+    }
+    char s[24];
+    snprintf(s, sizeof s, "%llx", ignored);
+    put_field(b, 'G', s);
+    snprintf(s, sizeof s, "%llx", mask);
+    put_field(b, 'B', s);
+}
+
 void build_request(struct buf *b, const char *idx, const char *resolved, char **targv,
                    const struct fdlist *l)
 {
@@ -125,6 +152,7 @@ void build_request(struct buf *b, const char *idx, const char *resolved, char **
     umask(mask);
     put_number(b, 'U', mask);
     put_rlimits(b);
+    put_process_state(b);
     for (int i = 0; i < l->n; i++) {
         if (l->caller[i] < 0)
             put_field(b, 'F', "cwd");

@@ -4,7 +4,7 @@
 #define ARVWRAP_CLIENT_WIRE_H
 
 #include <stddef.h>
-#include "common.h"
+#include "../common/common.h"
 
 #define MAX_FDS 253                 /* SCM_MAX_FD: the kernel's limit per message */
 
@@ -17,6 +17,8 @@ struct fdlist {
 /* The cwd handle, fds 0-2 and every fd argv names as /dev/fd/N or /proc/self/fd/N.
  * Call it before opening anything, so no descriptor of ours is taken for the caller's. */
 void collect_fds(struct fdlist *l, char **targv);
+/* Also reports the caller's nice, ignored signals and signal mask: call it before
+ * changing any of them. */
 void build_request(struct buf *b, const char *idx, const char *resolved, char **targv,
                    const struct fdlist *l);
 void send_request(int fd, const struct buf *b, const struct fdlist *l);

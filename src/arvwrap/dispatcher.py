@@ -32,14 +32,17 @@ import sys
 import threading
 import time
 
-from arvwrap import backends, paths, protocol, store, whitelist
+from arvwrap import backends, paths, protocol, runs, store, whitelist
 from arvwrap.backends import local
-from arvwrap.jobspec import Job, Outcome, final_fields, job_environment
+from arvwrap.jobspec import Job, final_fields, job_environment
+from arvwrap.local_jobs import LocalJobs
+from arvwrap.remote_jobs import RemoteJobs
 
 log = logging.getLogger("arvwrap.dispatcher")
 STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
 REQUEST_TIMEOUT = 30.0  # s a connection may take to send its whole request
 TICK = 1.0              # s between idle and stale-request checks
+RUNS_CHECK = 5.0        # s between checks for `arv-wrap env` runs whose shell is gone
 
 
 class RuleCache:
@@ -73,9 +76,11 @@ class Call:
         self.admitted = None     # monotonic time the local scheduler let it start
         self.why_killed = None   # what arv-wrap stopped it for
         self.kill_timer = None
+        self.pid_timer = None
+        self.recorded = False    # its record is written
 
 
-class Dispatcher:
+class Dispatcher(LocalJobs, RemoteJobs):
     def __init__(self, sock_path, state_dir, env=os.environ):
         self.sock_path = sock_path
         self.state_dir = state_dir
@@ -85,6 +90,7 @@ class Dispatcher:
         self.backend_config = backends.config_from_env(env)
         self.backends = {}
         self.calls = set()
+        self.by_job = {}           # job id -> its Call, while the dispatcher holds it
         self.stop_signal = None    # the signal that asked the dispatcher to stop
         self.stopping = None       # then the reason its jobs are cancelled
         self.leaving = False       # idle: the socket is gone, serving what remains
@@ -95,6 +101,7 @@ class Dispatcher:
         self.posted = queue.SimpleQueue()   # callbacks from backend threads
         self.backend_lock = threading.Lock()
         self.recheck_due = False
+        self.next_runs_check = 0.0
 
     # -- the loop --
     def serve(self, listener):
@@ -172,6 +179,12 @@ class Dispatcher:
         for call in [c for c in self.calls if c.state == "reading" and now > c.deadline]:
             log.warning("closed a connection that sent no whole request in %gs", REQUEST_TIMEOUT)
             self._close(call)
+        if now >= self.next_runs_check:
+            self.next_runs_check = now + RUNS_CHECK
+            try:
+                runs.close_ended(self.store)
+            except Exception:
+                log.exception("checking the runs of `arv-wrap env`")
         if (not self.leaving and self.stopping is None and not self.calls
                 and now - self.last_activity > self.idle_timeout):
             log.info("idle for %gs: leaving", self.idle_timeout)
@@ -240,17 +253,32 @@ class Dispatcher:
             self._finish(call, "fail internal error in the dispatcher (see dispatcher.log)")
 
     def _send(self, call, data):
-        """Replies are short: a blocking send of the whole (the client reads at once)."""
+        """Replies are short and the client reads them at once: one non-blocking send
+        nearly always takes the whole; the rest, if any, is sent blocking (bounded)."""
         try:
-            call.conn.setblocking(True)
+            sent = call.conn.send(data)
+            if sent < len(data):
+                call.conn.settimeout(5)
+                try:
+                    call.conn.sendall(data[sent:])
+                finally:
+                    call.conn.setblocking(False)
+            return True
+        except BlockingIOError:
+            return self._send_slowly(call, data)
+        except OSError:
+            return False
+
+    @staticmethod
+    def _send_slowly(call, data):
+        try:
             call.conn.settimeout(5)
             call.conn.sendall(data)
             return True
         except OSError:
             return False
         finally:
-            if call.conn is not None:
-                call.conn.setblocking(False)
+            call.conn.setblocking(False)
 
     def _finish(self, call, line):
         """The final reply, then the connection closes."""
@@ -265,10 +293,12 @@ class Dispatcher:
             call.conn = None
         if call.job is not None:
             call.job.close()
+            self.by_job.pop(call.job.id, None)
         if call.pidfd is not None:
             os.close(call.pidfd)
             call.pidfd = None
         self.cancel_timer(call.kill_timer)
+        self.cancel_timer(call.pid_timer)
         self.calls.discard(call)
         self.last_activity = time.monotonic()
 
@@ -288,22 +318,36 @@ class Dispatcher:
             self._finish(call, "local")
             return
         call.job = job
-        try:
-            self.store.insert({**job.record(), "dispatcher": os.getpid()})
-        except Exception as e:
-            log.error("cannot record job %s: %s", job.id, e)
-            self._finish(call, f"fail cannot record the job in {self.state_dir}: {e}")
-            return
+        job.arrived = call.created
+        self.by_job[job.id] = call
         if self.stopping:
             job.cancel(self.stopping)
         if job.backend == "local":
             self._submit_local(call)
-        else:
+        elif self._record(call):
             self._start_remote(call)
+
+    def _record(self, call, **fields):
+        """Write the job's record (once, before it may start; later calls update it).
+        False, after telling the caller, when the state dir cannot take it."""
+        job = call.job
+        try:
+            if call.recorded:
+                self.store.update(job.id, **fields)
+            else:
+                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields})
+                call.recorded = True
+            return True
+        except Exception as e:
+            log.error("cannot record job %s: %s", job.id, e)
+            self._finish(call, f"fail cannot record the job in {self.state_dir}: {e}")
+            return False
 
     def build_job(self, request):
         """(Job, warning) for a request, or (None, warning) to run it locally."""
         env = request.env_dict()
+        if b"ARV_WRAP_AS_JOB" in env:
+            return self.driver_job(request, env), None
         files = [f for f in os.fsdecode(env.get(b"ARV_WRAP_WHITELIST", b"")).split(":") if f]
         try:
             rules = self.rules.get(files)
@@ -320,13 +364,34 @@ class Dispatcher:
         backend = os.fsdecode(env.get(b"ARV_WRAP_BACKEND", b"")) or rule.backend or "local"
         job = Job(id=job_id, run=run, parent=parent, argv=request.argv, path=request.path,
                   cwd=request.cwd, env=job_environment(env, job_id, rule.nested, rule),
-                  umask=request.umask, rlimits=request.rlimits, fds=request.fds,
+                  umask=request.umask, rlimits=request.rlimits, nice=request.nice,
+                  ignored_signals=request.ignored_signals,
+                  blocked_signals=request.blocked_signals, fds=request.fds,
                   cwd_fd=request.cwd_fd, cpus=cpus, memory=memory, time_limit=time_limit,
                   stdin=rule.stdin, nested=rule.nested, backend=backend,
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
                   rule=rule, slurm=rule.slurm or {}, notes=list(notes))
         job.client_pid = request.pid
         return job, None
+
+    def driver_job(self, request, env):
+        """`arv-wrap --as-job`: the command itself is the job, a pipeline whose tools
+        become its children (nested), with the CPUs it asked for and no rule."""
+        job_id = store.new_id()
+        run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
+        backend = os.fsdecode(env.get(b"ARV_WRAP_BACKEND", b"")) or "local"
+        job_env = job_environment(env, job_id, True, None)
+        del job_env[b"ARV_WRAP_AS_JOB"]          # its tools are ordinary calls
+        cpus = float(env[b"ARV_WRAP_AS_JOB"] or (0.1 if backend == "local" else 1))
+        job = Job(id=job_id, run=run, parent=os.fsdecode(env.get(b"ARV_WRAP_JOB", b"")) or run,
+                  argv=request.argv, path=request.path, cwd=request.cwd, env=job_env,
+                  umask=request.umask, rlimits=request.rlimits, nice=request.nice,
+                  ignored_signals=request.ignored_signals,
+                  blocked_signals=request.blocked_signals, fds=request.fds,
+                  cwd_fd=request.cwd_fd, cpus=cpus, stdin="auto", nested=True,
+                  backend=backend)
+        job.client_pid = request.pid
+        return job
 
     def backend(self, name):
         with self.backend_lock:
@@ -341,150 +406,38 @@ class Dispatcher:
         try:
             self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
                               backend=job.backend, cpus=job.cpus, memory=job.memory,
-                              **final_fields(outcome), **fields)
+                              **final_fields(outcome), **{**outcome.usage, **fields})
         except Exception as e:
             log.error("cannot record the end of job %s: %s", job.id, e)
         if outcome.state == "exited" and outcome.message:
             self._send(call, protocol.encode_line(f"warn {outcome.message}"))
         self._finish(call, protocol.final_reply(outcome))
 
-    # -- local jobs: the client starts them --
-    def _submit_local(self, call):
-        job, scheduler = call.job, self.backend("local").scheduler
-        job.backend = "local"
-        refused = self.backend("local").fit(job)
-        if refused:
-            self._end(call, refused)
-            return
-        if job.cancel_reason:
-            self._end(call, local.cancelled_while_queued(job))
-            return
-        call.claim = local.Claim(job, owner=call, exclude_pid=job.client_pid)
-        job.close()                 # the client keeps the caller's descriptors itself
-        if scheduler.submit(call.claim):
-            self._launch(call)
-        else:
-            call.state = "queued"
-            self._schedule_recheck()
-
-    def _launch(self, call):
-        """Tell the client to start the tool: it was admitted."""
-        job = call.job
-        call.state = "starting"
-        call.admitted = time.monotonic()
-        if not self._send(call, protocol.run_message(job.env, job.stdin == "none")):
-            self._caller_gone(call)
-
-    def _client_message(self, call, message):
-        if isinstance(message, int):                 # a forwarded signal
-            if call.state == "queued":
-                self._withdraw(call)
-                self._end(call, local.cancelled_while_queued(call.job, message))
-            elif call.state == "remote":
-                call.job.signal(message)
-        elif isinstance(message, protocol.Done):
-            self._local_done(call, message)
-        elif message[0] == "pid" and call.state == "starting":
-            self._local_started(call, message[1])
-        elif message[0] == "nostart" and call.state == "starting":
-            self._release(call)
-            self._end(call, Outcome("failed", reason=f"cannot start: {os.strerror(message[1])}"))
-
-    def _local_started(self, call, pid):
-        call.state, call.pid = "running", pid
-        try:
-            call.pidfd = os.pidfd_open(pid)
-        except OSError:
-            call.pidfd = None        # it has already ended: its "done" follows
-        job = call.job
-        if job.time_limit:
-            call.kill_timer = self.after(job.time_limit, lambda: self._kill_local(
-                call, f"{job.tool} exceeded its time limit of {job.time_limit}s"))
-        if job.cancel_reason:
-            self._kill_local(call, job.cancel_reason)
-        try:
-            self.store.update(job.id, state="running", backend_id=str(pid), started=store.now(),
-                              queued_seconds=round(call.admitted - call.created, 3))
-        except Exception as e:
-            log.error("cannot record the start of job %s: %s", job.id, e)
-
-    def _local_done(self, call, done):
-        if call.state not in ("starting", "running"):
-            return
-        self._release(call)
-        status = os.waitstatus_to_exitcode(done.status)
-        outcome = local.outcome_of(status, call.job, call.why_killed)
-        self._end(call, outcome, cpu_seconds=round(done.cpu_seconds, 3), max_rss=done.max_rss)
-
-    def _kill_local(self, call, why):
-        """SIGTERM the tool and everything below it; SIGKILL after a grace."""
-        if call.state != "running" or call.why_killed:
-            return
-        call.why_killed = why
-        self.cancel_timer(call.kill_timer)
-        if call.pidfd is None:
-            return
-        local.signal_tree(call.pidfd, call.pid, signal.SIGTERM)
-        call.kill_timer = self.after(local.KILL_GRACE, lambda: call.pidfd is not None and (
-            local.signal_tree(call.pidfd, call.pid, signal.SIGKILL)))
-
-    def _release(self, call):
-        """Give back what a local call held, and start the jobs that now fit."""
-        claim, call.claim = call.claim, None
-        if claim is None:
-            return
-        if claim in self.backend("local").scheduler.running:
-            for admitted in self.backend("local").scheduler.release(claim):
-                self._launch(admitted.owner)
-        else:
-            self._withdraw_claim(claim)
-
-    def _withdraw(self, call):
-        claim, call.claim = call.claim, None
-        if claim is not None:
-            self._withdraw_claim(claim)
-
-    def _withdraw_claim(self, claim):
-        for admitted in self.backend("local").scheduler.withdraw(claim):
-            self._launch(admitted.owner)
-
-    def _schedule_recheck(self):
-        if not self.recheck_due and self.backend("local").scheduler.needs_recheck():
-            self.recheck_due = True
-            self.after(local.RECHECK, self._recheck)
-
-    def _recheck(self):
-        self.recheck_due = False
-        scheduler = self.backend("local").scheduler
-        if scheduler.needs_recheck():
-            for admitted in scheduler.recheck():
-                self._launch(admitted.owner)
-        self._schedule_recheck()
-
-    def _caller_gone(self, call):
-        """The client closed or died (its tool dies with it: PR_SET_PDEATHSIG)."""
-        job = call.job
-        if job is None or call.state in ("reading", "building"):
-            self._close(call)
-            return
-        reason = "the redirected call went away"
-        if call.state == "remote":
-            job.cancel(reason)
-            self.selector.unregister(call.conn)   # its thread answers; nobody will read
-            call.conn.close()
-            call.conn = None
-            return
-        self._release(call)
-        job.cancel(reason)
-        self._end(call, Outcome("cancelled", reason=reason, caller_signal=signal.SIGKILL))
-
     def cancel(self, job_id, reason):
-        """Cancel a job this dispatcher holds; False if it holds none by that id."""
-        for call in list(self.calls):
-            if call.job is not None and call.job.id == job_id:
-                self._cancel_call(call, reason)
-                return True
-        return False
+        """Cancel that job and every job below it that this dispatcher holds (the
+        deepest first, so each ends as cancelled rather than as a caller gone);
+        False if it holds none of them."""
+        held = [c for c in self.calls if c.job is not None]
+        below = [(depth, c) for c in held
+                 for depth in [self._depth_below(c.job, job_id)] if depth is not None]
+        for _, call in sorted(below, key=lambda item: -item[0]):
+            self._cancel_call(call, reason)
+        return bool(below)
+
+    def _depth_below(self, job, ancestor):
+        """How far below ancestor the job is (0: it is the job), or None."""
+        current, depth = job.id, 0
+        while current and depth < 1000:
+            if current == ancestor:
+                return depth
+            held = self.by_job.get(current)
+            if held is not None:
+                current = held.job.parent
+            else:
+                record = self.store.get(current)
+                current = record and record["parent"]
+            depth += 1
+        return None
 
     def _cancel_call(self, call, reason):
         job = call.job
@@ -495,66 +448,6 @@ class Dispatcher:
         elif call.state == "running":
             self._kill_local(call, reason)
         # "starting": killed when its pid arrives; "remote": its backend sees the cancel
-
-    # -- other backends: a thread per job --
-    def _start_remote(self, call):
-        call.state = "remote"
-        threading.Thread(target=self._run_remote, args=(call,), daemon=True).start()
-
-    def _run_remote(self, call):
-        job = call.job
-        try:
-            outcome = self.run_on(self.backend(job.backend), job)
-        except backends.BackendError as e:
-            outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
-        self.post(lambda: self._remote_done(call, outcome))
-
-    def _remote_done(self, call, outcome):
-        if self.falls_back(call.job, outcome) and call.conn is not None:
-            call.job.backend = "local"
-            self._submit_local(call)
-            return
-        if call.conn is None:          # the caller went away while it ran
-            self.store_end(call.job, outcome)
-            self._close(call)
-            return
-        self._end(call, outcome)
-
-    def store_end(self, job, outcome):
-        reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
-        try:
-            self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
-                              backend=job.backend, **final_fields(outcome))
-        except Exception as e:
-            log.error("cannot record the end of job %s: %s", job.id, e)
-
-    def run_on(self, backend, job):
-        def started(backend_id, state="running"):
-            # a backend may give its id while the job still waits there (state "queued")
-            fields = {"started": store.now()} if state == "running" else {}
-            self.store.update(job.id, state=state, backend_id=backend_id, **fields)
-        try:
-            return backend.run(job, started)
-        except Exception as e:
-            log.exception("backend %s failed on job %s", job.backend, job.id)
-            return Outcome("failed", reason=f"backend error: {e}",
-                           message=f"the {job.backend} backend failed: {e}")
-
-    @staticmethod
-    def falls_back(job, outcome):
-        """Whether a remote backend's outcome sends the job to the local backend."""
-        if job.backend == "local":
-            return False
-        if outcome.use_local_backend:
-            job.notes.append(f"ran on the local backend: {outcome.reason}")
-            return True
-        if outcome.run_locally and job.on_backend_error == "local":
-            job.notes.append(f"{outcome.reason}; ran on the local backend (on_backend_error: local)")
-            return True
-        if outcome.run_locally:    # the backend failed and the rule says fail
-            outcome.run_locally = False
-            outcome.message = outcome.message or outcome.reason
-        return False
 
     # -- stopping --
     def _begin_stop(self):

@@ -22,7 +22,7 @@ def run(options):
 
 
 def check_files():
-    missing = [p for p in (paths.SHIM, paths.CLIENT) if not os.path.exists(p)]
+    missing = [p for p in (paths.SHIM, paths.CLIENT, paths.HELPER) if not os.path.exists(p)]
     if missing:
         return False, f"missing native files: {', '.join(missing)} (reinstall arv-wrap)"
     return True, f"shim {paths.SHIM}"
@@ -70,19 +70,19 @@ def check_backend(options):
 
 def check_round_trip(options):
     """Redirect a real `true` through the dispatcher to the chosen backend."""
-    from arvwrap import cli, store
+    from arvwrap import activation, store
     name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
     with tempfile.TemporaryDirectory() as tmp:
         rules_file = os.path.join(tmp, "doctor.yaml")
         with open(rules_file, "w") as f:
             f.write("tools:\n  - name: 'true'\n    cpus: 0.01\n    time: 5m\n")
         env = dict(os.environ)
-        _, run_id = cli.new_run(["arv-wrap", "doctor"], options, env)
-        env.update(cli.activation_env([rules_file], whitelist.load([rules_file]),
+        _, run_id = activation.new_run(["arv-wrap", "doctor"], options, env)
+        env.update(activation.activation_env([rules_file], whitelist.load([rules_file]),
                                       {"backend": name}, run_id, env))
         start = time.monotonic()
         try:
-            done = subprocess.run([paths.CLIENT, "--exec", "true"], env=env, timeout=120,
+            done = subprocess.run([paths.HELPER, "--exec", "true"], env=env, timeout=120,
                                   stderr=subprocess.PIPE)
         except subprocess.TimeoutExpired:
             return False, f"a redirected `true` did not finish within 120 s on {name}"

@@ -25,6 +25,8 @@ class Outcome:
     use_local_backend: bool = False  # the backend cannot carry this call (e.g. a /dev/fd
                                      # argument): run it on the local backend instead
     caller_signal: Optional[int] = None  # a cancelled job: the signal the caller dies of
+    usage: dict = field(default_factory=dict)  # what it used, as record fields
+                                               # (cpu_seconds, max_rss), where measured
 
 
 def job_environment(env, job_id, nested, rule):
@@ -69,6 +71,11 @@ class Job:
     env: dict                    # bytes -> bytes, as the job must see it
     umask: int = 0o022
     rlimits: list = field(default_factory=list)   # (resource, soft, hard)
+    # the caller's nice and signal state (None: its client did not say), for a
+    # backend whose task does not inherit them; bitmasks have bit n-1 for signal n
+    nice: Optional[int] = None
+    ignored_signals: Optional[int] = None
+    blocked_signals: Optional[int] = None
     fds: dict = field(default_factory=dict)       # caller fd number -> our fd
     cwd_fd: Optional[int] = None
     cpus: float = 1.0

@@ -4,7 +4,8 @@ import stat
 
 NATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native")
 SHIM = os.path.join(NATIVE, "libarvwrap.so")
-CLIENT = os.path.join(NATIVE, "arv-wrap-client")
+CLIENT = os.path.join(NATIVE, "arv-wrap-client")   # what the shim execs for a call
+HELPER = os.path.join(NATIVE, "arv-wrap-helper")   # --exec, and the Slurm relay and launcher
 
 
 def state_dir(env=os.environ):

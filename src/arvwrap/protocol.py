@@ -31,8 +31,11 @@ _DECIMAL = re.compile(rb"[0-9]{1,19}")
 _RLIMIT = re.compile(rb"([0-9]{1,4}) ([0-9]{1,20}|inf) ([0-9]{1,20}|inf)")
 _CLIENT_LINE = re.compile(rb"(sig|pid|nostart) ([0-9]{1,10})|done (-?[0-9]{1,10}) ([0-9]{1,19}) "
                           rb"([0-9]{1,19}) ([0-9]{1,19})")
+_NICE = re.compile(rb"-?[0-9]{1,2}")
+_SIGSET = re.compile(rb"[0-9a-f]{1,16}")     # bit n-1 for signal n (1..64)
 _REQUIRED = {b"R": "rule index", b"P": "resolved path", b"C": "cwd", b"U": "umask",
              b"I": "client pid"}
+_OPTIONAL = {b"N": "nice", b"G": "ignored signals", b"B": "blocked signals"}   # newer clients
 
 
 class ProtocolError(Exception):
@@ -51,6 +54,9 @@ class Request:
     fds: Dict[int, int] = field(default_factory=dict)   # caller's fd number -> our fd
     cwd_fd: Optional[int] = None            # O_PATH|O_DIRECTORY handle of the cwd
     pid: int = 0
+    nice: Optional[int] = None              # None: an older client did not say
+    ignored_signals: Optional[int] = None   # bitmask, bit n-1 for signal n
+    blocked_signals: Optional[int] = None   # the signal mask, the same way
 
     def env_dict(self) -> Dict[bytes, bytes]:
         """The environment as a dict; like getenv, the first of duplicate names wins,
@@ -109,6 +115,19 @@ def _decimal(tag, value, limit=None):
     return number
 
 
+def _nice(value):
+    if not _NICE.fullmatch(value) or not -20 <= int(value) <= 19:
+        raise ProtocolError(f"field N is not a nice value (-20..19): {value[:40]!r}")
+    return int(value)
+
+
+def _sigset(tag, value):
+    if not _SIGSET.fullmatch(value):
+        raise ProtocolError(f"field {tag.decode()} is not a hexadecimal signal set: "
+                            f"{value[:40]!r}")
+    return int(value, 16)
+
+
 def _limit(value):
     return resource.RLIM_INFINITY if value == b"inf" else int(value)
 
@@ -127,27 +146,28 @@ def parse_payload(payload: bytes, fds: List[int]) -> Request:
 def _parse_payload(payload, fds):
     if not payload.endswith(b"\0"):
         raise ProtocolError("payload does not end with a NUL")
+    items = payload[:-1].split(b"\0")
+    # argv and environ are most of a request: sorted out in bulk, the rest one by one
+    argv = [item[1:] for item in items if item[:1] == b"A"]
+    env = [item[1:] for item in items if item[:1] == b"E"]
     single = {}
-    argv, env, rlimits, labels = [], [], [], []
-    for item in payload[:-1].split(b"\0"):
-        if not item:
-            raise ProtocolError("empty field (no tag)")
+    rlimits, labels = [], []
+    for item in [item for item in items if item[:1] not in (b"A", b"E")]:
         tag, value = item[:1], item[1:]
-        if tag == b"A":
-            argv.append(value)
-        elif tag == b"E":
-            env.append(value)
-        elif tag == b"L":
+        if tag == b"L":
             m = _RLIMIT.fullmatch(value)
             if not m:
                 raise ProtocolError(f"bad rlimit field {value[:60]!r}")
             rlimits.append((int(m[1]), _limit(m[2]), _limit(m[3])))
         elif tag == b"F":
             labels.append(value)
-        elif tag in _REQUIRED:
+        elif tag in _REQUIRED or tag in _OPTIONAL:
             if tag in single:
-                raise ProtocolError(f"field {tag.decode()} ({_REQUIRED[tag]}) given twice")
+                what = _REQUIRED.get(tag) or _OPTIONAL[tag]
+                raise ProtocolError(f"field {tag.decode()} ({what}) given twice")
             single[tag] = value
+        elif not item:
+            raise ProtocolError("empty field (no tag)")
         else:
             raise ProtocolError(f"unknown field tag {tag!r}")
     missing = [name for tag, name in _REQUIRED.items() if tag not in single]
@@ -159,6 +179,12 @@ def _parse_payload(payload, fds):
                       argv=argv, env=env, cwd=single[b"C"],
                       umask=_decimal(b"U", single[b"U"], 0o777), rlimits=rlimits,
                       pid=_decimal(b"I", single[b"I"], 2**31 - 1))
+    if b"N" in single:
+        request.nice = _nice(single[b"N"])
+    if b"G" in single:
+        request.ignored_signals = _sigset(b"G", single[b"G"])
+    if b"B" in single:
+        request.blocked_signals = _sigset(b"B", single[b"B"])
     _assign_fds(request, labels, fds)
     return request
 

@@ -24,7 +24,6 @@ RULES_VERSION = "1"
 STDIN_MODES = ("auto", "pass", "none")
 
 NOT_BUILT = {
-    "image": "image is accepted but has no effect yet (container backends arrive later)",
     "reuse": "reuse is accepted but has no effect yet (job reuse arrives later)",
 }
 
@@ -73,7 +72,7 @@ class Rule:
 
     def not_built(self) -> list:
         """NOT_BUILT messages for the keys this rule uses."""
-        used = {"image": self.image is not None, "reuse": self.reuse}
+        used = {"reuse": self.reuse}
         return [NOT_BUILT[key] for key, on in used.items() if on]
 
 

@@ -373,3 +373,32 @@ def test_withdrawing_the_queued_head_admits_the_next_claim_that_now_fits(claim):
     assert not s.submit(big) and not s.submit(small)
     assert s.withdraw(big) == [small]
     assert s.running == {running, small} and not s.queue
+
+
+# -- a pipeline lends what it holds to its tools ------------------------------------------
+
+def test_a_pipeline_job_lends_its_cpus_to_one_tool_at_a_time(claim):
+    """A 0.1-CPU driver waits for its 1-CPU tools on a 1-CPU budget: the first tool
+    runs on the loan, the second waits for it, not for the driver."""
+    s = local.Scheduler(1, 1 << 40)
+    driver = claim(cpus=0.1)
+    assert s.submit(driver)
+    first, second = local.Claim(claim(cpus=1).job, lender=driver), None
+    assert s.submit(first)
+    assert s.used_cpus == 1000
+    second = local.Claim(claim(cpus=1).job, lender=driver)
+    assert not s.submit(second)
+    assert s.release(first) == [second]
+    assert s.release(second) == [] and s.used_cpus == 100
+
+
+def test_a_tool_that_outlives_its_pipeline_keeps_what_it_borrowed(claim):
+    s = local.Scheduler(1, 1 << 40)
+    driver = claim(cpus=0.5)
+    assert s.submit(driver)
+    tool = local.Claim(claim(cpus=1).job, lender=driver)
+    assert s.submit(tool)
+    s.release(driver)
+    assert s.used_cpus == 1000          # the tool's whole CPU, now its own
+    s.release(tool)
+    assert s.used_cpus == 0

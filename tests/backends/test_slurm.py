@@ -9,6 +9,7 @@ import hashlib
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,24 +18,35 @@ from pathlib import Path
 import pytest
 
 from arvwrap import paths
-from conftest import arv_wrap, job_records, need, wrapped, write_tool
+from conftest import arv_wrap, job_records, jobs, need, wrapped, write_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
 IS_ROOT = os.geteuid() == 0
+MIB = 1 << 20
 
 PROBE = r"""
 case "$1" in
     exit) exit "$2" ;;
     kill) kill -"$2" $$ ;;
     sleep) echo started; exec sleep "$2" ;;
+    stubborn) trap '' TERM; echo started; exec sleep "$2" ;;
+    fds) exec python3 -S -c "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))" ;;
     echo) echo "$2" ;;
     partial) printf partial; sleep 3; echo ;;
     streams) cat "$2"; cat "$3" >&2 ;;
     env) printf '%s\n' "cwd=$(pwd)" "umask=$(umask)" "nofile=$(ulimit -n)" "var=$PROBE_VAR" \
              "job=$ARV_WRAP_JOB" "slurm=$SLURM_JOB_ID" "shlvl=${SHLVL-unset}" ;;
     args) for a in "$@"; do printf '%s\0' "$a"; done ;;
+    state) exec cat /proc/self/stat /proc/self/status ;;
     mem) exec python3 -S -c "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(30)" ;;
+    burn) python3 -S -c "import time; t = time.process_time()
+while time.process_time() - t < 0.5: pass" ;;
+    touch100) python3 -S -c "b = bytearray(100 << 20); b[::4096] = b'x' * len(b[::4096])" ;;
+    complain) cat "$2" >&2; echo not-in-the-log; exit 1 ;;
+    drip) echo first >&2; sleep 3; echo second >&2 ;;
+    count) n=0; trap 'n=$((n + 1))' "$2"; echo ready; while [ $n -lt 1 ]; do sleep 0.1; done
+           sleep 1; echo "got $n" ;;
 esac
 """
 
@@ -61,7 +73,7 @@ def cluster():
 
 
 @pytest.fixture
-def env(cluster, tools, base_env, whitelist_file):
+def env(cluster, tools, base_env, whitelist_file, client):     # client: the relay, rebuilt if stale
     write_tool(tools, "probe", PROBE)
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file(WHITELIST)
     base_env["ARV_WRAP_BACKEND"] = "slurm"
@@ -113,7 +125,7 @@ def test_exit_statuses_are_exact_and_the_slurm_id_is_the_backend_id(env):
     records = job_records(env)
     assert sorted(r["exit_status"] for r in records) == [0, 1, 42, 255]
     assert all(r["backend"] == "slurm" and r["backend_id"].isdigit() for r in records)
-    table = arv_wrap("jobs", env=env, stdout=subprocess.PIPE, check=True).stdout.decode()
+    table = arv_wrap("jobs", "--tree", env=env, stdout=subprocess.PIPE, check=True).stdout.decode()
     assert all(r["backend_id"] in table for r in records)
 
 
@@ -189,14 +201,51 @@ def test_the_relay_gives_back_exactly_the_callers_env(env):
     assert [r["backend"] for r in job_records(env)] == ["slurm"]
 
 
+# -- process state the relay rebuilds on the node (slurmstepd does not pass it on) ----
+
+def process_state(stdout):
+    """(nice, SigIgn, SigBlk) from the probe's `state`: /proc/self/stat, then .../status."""
+    stat, status = stdout.decode().split("\n", 1)
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    nice = int(stat.rsplit(")", 1)[1].split()[16])      # field 19 of stat
+    return nice, int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+
+
+def bit(signum):
+    return 1 << (signum - 1)
+
+
+# a caller that blocks SIGUSR1 and a real-time signal (and, as Python does, ignores SIGPIPE)
+BLOCKING_CALLER = ("import os, signal; signal.pthread_sigmask(signal.SIG_BLOCK, "
+                   "{signal.SIGUSR1, signal.SIGRTMIN + 2}); os.execvp('probe', ['probe', 'state'])")
+
+
+@pytest.mark.parametrize("caller, expect", [
+    (["nohup", "probe", "state"], lambda nice, ign, blk: ign & bit(signal.SIGHUP)),
+    (["nice", "-n", "5", "probe", "state"], lambda nice, ign, blk: nice == os.nice(0) + 5),
+    ([sys.executable, "-c", BLOCKING_CALLER],
+     lambda nice, ign, blk: blk & bit(signal.SIGUSR1) and blk & bit(signal.SIGRTMIN + 2)),
+], ids=["nohup", "nice", "blocked"])
+def test_nice_ignored_signals_and_the_mask_reach_the_tool_as_directly(env, caller, expect):
+    result = arv_wrap("--", *caller, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    plain_env = {k: v for k, v in env.items() if not k.startswith("ARV_")}
+    direct = subprocess.run(caller, env=plain_env, stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, check=True)
+    assert expect(*process_state(direct.stdout))
+    assert process_state(result.stdout) == process_state(direct.stdout)
+    assert [r["backend"] for r in job_records(env)] == ["slurm"]
+
+
 def test_a_node_that_cannot_run_the_relay_is_a_clear_failure():
     from types import SimpleNamespace
     from arvwrap import paths
     from arvwrap.backends import slurm
     job = SimpleNamespace(tool="bwa", id="01J", fds={})
-    live = slurm.Live(SimpleNamespace(timeout=20), job, None, None, None)
+    live = slurm.Live(SimpleNamespace(timeout=20, log_dir="/nonexistent"), job, None, None, None)
     for line in ["srun: jobid 77: nodes(1):`vm', cpu counts: 1(x1)",
-                 f"slurmstepd-vm: error: execve(): {paths.CLIENT}: No such file or directory",
+                 f"slurmstepd-vm: error: execve(): {paths.HELPER}: No such file or directory",
                  "srun: launch/slurm: _task_finish: Received task exit notification for 1 task "
                  "of StepId=77.0 (status=0x0200)."]:
         live.attempt.read(line)
@@ -204,7 +253,7 @@ def test_a_node_that_cannot_run_the_relay_is_a_clear_failure():
     assert outcome.state == "failed" and outcome.exit_status is None
     assert outcome.message.startswith("job 77 (bwa): the node cannot run arv-wrap's relay (")
     # the tool's own exec failure stays the tool's status
-    live = slurm.Live(SimpleNamespace(timeout=20), job, None, None, None)
+    live = slurm.Live(SimpleNamespace(timeout=20, log_dir="/nonexistent"), job, None, None, None)
     for line in ["srun: jobid 78: nodes(1):`vm', cpu counts: 1(x1)",
                  "arv-wrap-relay: /x/bwa: No such file or directory",
                  "srun: launch/slurm: _task_finish: Received task exit notification for 1 task "
@@ -453,3 +502,202 @@ def test_doctor_says_where_the_nodes_send_the_streams(env):
     assert result.returncode == 0, result.stdout + result.stderr
     assert b"is UP" in result.stdout and b"nodes send the streams to 127.0.0.1" in result.stdout
     assert b"a redirected `true` ran as job" in result.stdout
+
+
+# -- what each job used, measured on the node by the relay -----------------------------
+
+def test_cpu_time_and_peak_memory_are_measured_on_the_node(env):
+    """The probe runs python3 as a child of sh: the tool's children count too."""
+    for what in ("burn", "touch100"):
+        result = wrapped(env, f"probe {what}", timeout=60)
+        assert result.returncode == 0, result.stderr
+    used = {r["argv"][1]: r for r in job_records(env)}
+    assert 0.4 <= used["burn"]["cpu_seconds"] <= 2, used["burn"]
+    assert used["burn"]["max_rss"] < 100 * MIB
+    assert 100 * MIB <= used["touch100"]["max_rss"] < 200 * MIB, used["touch100"]
+
+
+def test_the_tool_has_the_descriptors_of_a_plain_srun_task_and_no_more(env):
+    """The relay's own copies (srun's stderr, the sockets) do not reach the tool."""
+    code = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+    plain = subprocess.run(["srun", "python3", "-S", "-c", code], capture_output=True,
+                           timeout=60, check=True)
+    result = wrapped(env, "probe fds")
+    assert result.stdout == plain.stdout == b"[0, 1, 2, 3]\n"      # 3: listdir's own
+
+
+def relay_of(record):
+    """The pid of the relay that runs this job (the node is this host)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:2] == [b"--relay"] and f"SLURM_JOB_ID={record['backend_id']}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no relay for job {record['backend_id']}")
+
+
+@pytest.mark.parametrize("sender", ["scancel", "another process"])
+def test_a_signal_reaches_the_tool_once(env, sender):
+    """Slurm signals every process of the step, the tool too: the relay passes on only
+    what others send it."""
+    proc = subprocess.Popen([sys.executable, "-m", "arvwrap", "--", "probe", "count", "USR1"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    record = running_job(env)
+    if sender == "scancel":
+        subprocess.run(["scancel", "--signal=USR1", record["backend_id"]], check=True, timeout=30)
+    else:
+        os.kill(relay_of(record), signal.SIGUSR1)
+    assert proc.stdout.read() == b"got 1\n"
+    assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("killed", ["the step", "the relay alone"])
+def test_a_sigkill_leaves_nothing_running(env, killed):
+    """A tool that ignores SIGTERM: Slurm's scancel ends the step with SIGKILL after
+    KillWait, to every process of the step; a relay killed alone takes the tool along."""
+    proc = subprocess.Popen([sys.executable, "-m", "arvwrap", "--", "probe", "stubborn", "4245"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"started\n"
+    record = running_job(env)
+    if killed == "the step":
+        subprocess.run(["scancel", record["backend_id"]], check=True, timeout=30)
+    else:
+        os.kill(relay_of(record), signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    sleeping = lambda: subprocess.run(["pgrep", "-f", "^sleep 4245$"],
+                                      stdout=subprocess.PIPE).stdout
+    assert wait_for(lambda: not sleeping(), 5), sleeping()
+    assert wait_for(lambda: not in_squeue([record["id"]]), 5)
+
+
+# -- stderr kept per job ---------------------------------------------------------------
+
+def test_stderr_is_kept_capped_and_shown_for_a_failed_job(env, tmp_path):
+    noise = tmp_path / "noise"
+    data = b"".join(b"%09d %s\n" % (i, b"x" * 54) for i in range(3 << 14)) + b"the end\n"
+    noise.write_bytes(data)                        # 3 MiB and a last line
+    result = wrapped(env, f"probe complain '{noise}'", timeout=60)
+    assert (result.returncode, result.stdout) == (1, b"not-in-the-log\n")
+    assert result.stderr == data                   # the caller's copy is whole
+    [record] = job_records(env)
+    log = Path(env["ARV_WRAP_STATE_DIR"]) / "logs" / f"{record['id']}.stderr"
+    kept = log.read_bytes()
+    assert MIB <= len(kept) <= 2 * MIB and data.endswith(kept)     # its tail, stdout not in it
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    shown = arv_wrap("logs", record["id"], env=env, stdout=subprocess.PIPE, check=True)
+    assert shown.stdout == kept
+    show = arv_wrap("show", record["id"], env=env, stdout=subprocess.PIPE, check=True)
+    assert show.stdout.decode().rstrip().endswith("the end")
+
+
+def test_logs_follow_shows_a_running_jobs_stderr_as_it_comes(env):
+    call = subprocess.Popen([sys.executable, "-m", "arvwrap", "--", "probe", "drip"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    record = running_job(env)
+    log = Path(env["ARV_WRAP_STATE_DIR"]) / "logs" / f"{record['id']}.stderr"
+    assert log.exists()                # from the moment the record says running
+    follow = subprocess.Popen([sys.executable, "-m", "arvwrap", "logs", record["id"], "--follow"],
+                              env=env, stdout=subprocess.PIPE)
+    ready, _, _ = select.select([follow.stdout], [], [], 10)
+    assert ready and os.read(follow.stdout.fileno(), 100) == b"first\n"
+    assert call.poll() is None, "the job had ended: the log was not live"
+    assert follow.wait(30) == 0 and follow.stdout.read() == b"second\n"
+    assert call.wait(30) == 0 and call.stderr.read() == b"first\nsecond\n"
+
+
+# -- the driver as a Slurm job (--as-job) ------------------------------------------------
+
+def test_as_job_the_driver_is_a_slurm_job_and_its_tools_its_children(env, tools):
+    write_tool(tools, "driver", "probe env; probe env; exit 7\n")
+    result = arv_wrap("-b", "slurm", "--as-job", "--", "driver", env=env, capture_output=True,
+                      stdin=subprocess.DEVNULL, timeout=90)
+    assert result.returncode == 7, result.stderr
+    records = jobs(env)
+    [run] = [r for r in records if r["kind"] == "run"]
+    [driver] = [r for r in records if r["argv"][0] == "driver" and r["kind"] == "job"]
+    inner = [r for r in records if r["argv"][0] == "probe"]
+    assert (driver["parent"], driver["backend"], driver["state"], driver["exit_status"]) == (
+        run["id"], "slurm", "exited", 7)
+    assert len(inner) == 2
+    assert all(r["parent"] == driver["id"] and r["backend"] == "slurm" for r in inner)
+    # each tool is a Slurm job of its own, submitted from inside the driver's
+    seen = [line.split("=", 1)[1] for line in result.stdout.decode().splitlines()
+            if line.startswith("slurm=")]
+    assert sorted(seen) == sorted(r["backend_id"] for r in inner)
+    assert driver["backend_id"].isdigit() and driver["backend_id"] not in seen
+
+
+def test_a_tool_that_could_never_start_beside_its_driver_fails_at_once(env, tools):
+    """The driver holds both CPUs of the only node and waits for its tool."""
+    write_tool(tools, "driver", "probe exit 0; echo status=$?\n")
+    result = arv_wrap("-b", "slurm", "--as-job", "--cpus", str(os.cpu_count()), "--",
+                      "driver", env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                      timeout=60)
+    assert (result.returncode, result.stdout) == (0, b"status=125\n")
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("arv-wrap: probe would wait for ever: Slurm job "), line
+
+
+def test_ctrl_c_cancels_the_whole_as_job_tree(env, tools):
+    write_tool(tools, "driver", "probe sleep 4246\n")
+    proc = subprocess.Popen([sys.executable, "-m", "arvwrap", "-b", "slurm", "--as-job", "--",
+                             "driver"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline() == b"started\n"
+    ids = [r["id"] for r in job_records(env)]
+    assert len(in_squeue(ids)) == 2, in_squeue(ids)
+    os.killpg(proc.pid, signal.SIGINT)         # what the terminal does on Ctrl-C
+    start = time.monotonic()
+    assert wait_for(lambda: not in_squeue(ids), 5), in_squeue(ids)
+    assert time.monotonic() - start < 5
+    assert proc.wait(30) == -signal.SIGINT
+    final = wait_for(lambda: all(r["state"] not in ("queued", "running")
+                                 for r in job_records(env)), 10)
+    assert final, job_records(env)
+
+
+def test_the_align_pipeline_gives_the_same_results_plainly_wrapped_and_as_a_job(env, tmp_path):
+    """examples/align/driver.py with whitelists/bcbio.yaml: bwa mem -t 2 and samtools
+    sort -@ 2 ask for both CPUs of the one-node cluster, where the driver holds one:
+    they get the CPU it leaves (with a note), rather than waiting for ever."""
+    for program in ("bwa", "samtools", "bcftools"):
+        need(program)
+    from test_align import BCBIO, HEAVY, calls, command, outputs, summary_lines
+    plain_env = {k: v for k, v in env.items() if not k.startswith("ARV_WRAP_")}
+    got = {}
+    for how, wrap in [("plain", None), ("wrapped", ["-b", "slurm"]),
+                      ("as a job", ["-b", "slurm", "--as-job"])]:
+        cwd = tmp_path / how.replace(" ", "-")
+        cwd.mkdir()
+        if wrap is None:
+            result = subprocess.run(command("python", None), cwd=cwd, env=plain_env,
+                                    capture_output=True, timeout=300)
+        else:
+            result = arv_wrap("-w", BCBIO, *wrap, "--", *command("python", None), cwd=cwd,
+                              env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=300)
+        assert result.returncode == 0, f"{how}: {result.stderr.decode()}"
+        got[how] = (outputs(cwd), summary_lines(result.stdout))
+    assert got["wrapped"] == got["plain"] and got["as a job"] == got["plain"]
+
+    records = jobs(env)
+    as_job_run, wrapped_run = [r for r in records if r["kind"] == "run"]     # newest first
+    [driver] = [r for r in records if r["parent"] == as_job_run["id"]]
+    inner = [r for r in records if r["run"] == as_job_run["id"] and r["kind"] == "job"
+             and r is not driver]
+    assert driver["argv"][0].endswith("driver.py") and driver["backend"] == "slurm"
+    assert (driver["state"], driver["exit_status"]) == ("exited", 0)
+    assert calls(inner) == HEAVY, calls(inner)
+    assert all(r["parent"] == driver["id"] and r["backend"] == "slurm" and
+               (r["state"], r["exit_status"]) == ("exited", 0) for r in inner), inner
+    bwa = next(r for r in inner if r["argv"][:2] == ["bwa", "mem"])
+    assert bwa["cpus"] == 1 and f"beside Slurm job {driver['backend_id']}" in bwa["reason"]
+    plainly = [r for r in records if r["run"] == wrapped_run["id"] and r["kind"] == "job"]
+    assert calls(plainly) == HEAVY
+    assert next(r for r in plainly if r["argv"][:2] == ["bwa", "mem"])["cpus"] == 2

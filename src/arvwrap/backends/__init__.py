@@ -17,7 +17,8 @@ class BackendError(Exception):
     """The backend cannot take jobs at all (unknown, not installed, not answering)."""
 
 
-KNOWN = {"local": "arvwrap.backends.local", "slurm": "arvwrap.backends.slurm"}
+KNOWN = {"local": "arvwrap.backends.local", "slurm": "arvwrap.backends.slurm",
+         "docker": "arvwrap.backends.docker"}
 
 
 def config_from_env(env):
@@ -27,6 +28,14 @@ def config_from_env(env):
     return {"local": {"cpus": env.get("ARV_WRAP_LOCAL_CPUS"),
                       "memory": env.get("ARV_WRAP_LOCAL_MEMORY")
                       and parse_memory(env["ARV_WRAP_LOCAL_MEMORY"])}}
+
+
+def process_state(name):
+    """Lines saying which parts of the caller's process state a job of that backend
+    keeps (its module's PROCESS_STATE), without starting the backend; () if unknown."""
+    if name not in KNOWN:
+        return ()
+    return getattr(importlib.import_module(KNOWN[name]), "PROCESS_STATE", ())
 
 
 def load(name, config):

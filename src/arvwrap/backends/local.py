@@ -30,6 +30,12 @@ KILL_GRACE = 5.0   # seconds between SIGTERM and SIGKILL when arv-wrap ends a jo
 MILLI = 1000       # CPUs are counted in thousandths
 RECHECK = 0.2      # seconds between scans for pipes through local processes
 
+# What of the caller's process state a job keeps, for `arv-wrap check`.
+PROCESS_STATE = (
+    "all of it, as a plain exec: the job is the caller's own child (every descriptor, uid, "
+    "gid and groups, signal dispositions and mask, nice, CPU affinity, cgroup, namespaces, "
+    "oom_score_adj, no_new_privs, rlimits, umask)",)
+
 
 def parse_budget(config):
     cpus = config.get("cpus") or len(os.sched_getaffinity(0))
@@ -38,15 +44,23 @@ def parse_budget(config):
 
 
 class Claim:
-    """What one job holds or waits for; owner is the dispatcher's, untouched here."""
+    """What one job holds or waits for; owner is the dispatcher's, untouched here.
 
-    def __init__(self, job, owner=None, exclude_pid=None):
+    lender: the claim of the running pipeline job (nested) this job was started
+    from. A pipeline waits for its tools, so it lends what it holds to one of them
+    at a time: its 0.1-CPU driver never keeps its own 1-CPU tool waiting on a
+    one-CPU budget."""
+
+    def __init__(self, job, owner=None, exclude_pid=None, lender=None):
         self.job = job
         self.owner = owner
         self.cpus = round(job.cpus * MILLI)
         self.memory = job.memory or 0
         self.pipes = pipe_ends(job.fds)
         self.exclude_pid = exclude_pid   # the client: not a process between pipes
+        self.lender = lender
+        self.borrower = None             # the claim running on what this one lends
+        self.borrowed = (0, 0)           # (cpus, memory) this one runs on, lent
 
 
 def pipe_ends(fds):
@@ -107,6 +121,9 @@ class Scheduler:
         if self._joined(claim) or (not self.queue and self._fits(claim)):
             self._start(claim)
             return True
+        if self._can_borrow(claim):
+            self._start(claim, borrow=True)
+            return True
         self.queue[claim] = None
         return False
 
@@ -119,10 +136,19 @@ class Scheduler:
     def release(self, claim):
         """A running claim ended; returns the queued claims that start now."""
         self.running.discard(claim)
-        self.used_cpus -= claim.cpus
-        self.used_memory -= claim.memory
+        self.used_cpus -= claim.cpus - claim.borrowed[0]
+        self.used_memory -= claim.memory - claim.borrowed[1]
         self._running_ends.subtract((pipe, mode) for pipe, mode in claim.pipes.items())
-        return self._admit_head()
+        borrower = claim.borrower
+        if borrower is not None:         # the pipeline ended before its tool: it owns it now
+            self.used_cpus += borrower.borrowed[0]
+            self.used_memory += borrower.borrowed[1]
+            borrower.borrowed, claim.borrower = (0, 0), None
+        started = []
+        if claim.lender is not None and claim.lender.borrower is claim:
+            claim.lender.borrower = None
+            started = self._admit_borrower(claim.lender)
+        return started + self._admit_head()
 
     def needs_recheck(self):
         """Whether a queued job could be joined to a running one through processes."""
@@ -152,15 +178,42 @@ class Scheduler:
         return (self.used_cpus + claim.cpus <= self.total_cpus
                 and self.used_memory + claim.memory <= self.total_memory)
 
+    def _lendable(self, claim):
+        """(cpus, memory) claim's pipeline can lend it now; None if it cannot."""
+        lender = claim.lender
+        if lender is None or lender not in self.running or lender.borrower is not None:
+            return None
+        return min(claim.cpus, lender.cpus), min(claim.memory, lender.memory)
+
+    def _can_borrow(self, claim):
+        """It fits in what its pipeline lends plus what is free (not FIFO: the lent
+        part is no one else's)."""
+        lent = self._lendable(claim)
+        return lent is not None and (
+            self.used_cpus + claim.cpus - lent[0] <= self.total_cpus
+            and self.used_memory + claim.memory - lent[1] <= self.total_memory)
+
+    def _admit_borrower(self, lender):
+        """The first queued tool of lender's pipeline that fits on its loan."""
+        for claim in self.queue:
+            if claim.lender is lender and self._can_borrow(claim):
+                del self.queue[claim]
+                self._start(claim, borrow=True)
+                return [claim]
+        return []
+
     def _joined(self, claim):
         opposite = {"r": "w", "w": "r"}
         return any(self._running_ends[(pipe, opposite[mode])] > 0
                    for pipe, mode in claim.pipes.items())
 
-    def _start(self, claim):
+    def _start(self, claim, borrow=False):
+        if borrow:
+            claim.borrowed = self._lendable(claim)
+            claim.lender.borrower = claim
         self.running.add(claim)
-        self.used_cpus += claim.cpus
-        self.used_memory += claim.memory
+        self.used_cpus += claim.cpus - claim.borrowed[0]
+        self.used_memory += claim.memory - claim.borrowed[1]
         self._running_ends.update((pipe, mode) for pipe, mode in claim.pipes.items())
 
     def _admit_head(self):

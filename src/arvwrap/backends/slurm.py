@@ -2,9 +2,9 @@
 
 Shape of one job
 ----------------
-The dispatcher starts ``arv-wrap-client --launch ... -- srun -v -N1 -n1 ...
-arv-wrap-client --relay argv0 path args...`` as its own child, in a session of its
-own; the launcher (csrc/client.c) makes srun die with the dispatcher
+The dispatcher starts ``arv-wrap-helper --launch ... -- srun -v -N1 -n1 ...
+arv-wrap-helper --relay argv0 path args...`` as its own child, in a session of its
+own; the launcher (csrc/helper/launch.c) makes srun die with the dispatcher
 (PR_SET_PDEATHSIG), gives it the caller's umask and resource limits (srun carries
 both to the task) and execs it. srun gets the job's environment minus every
 ``SLURM_*``/``SBATCH_*``/``SALLOC_*``/``SRUN_*`` variable (so a job started from
@@ -12,20 +12,23 @@ inside another job is a new job, not a step of that allocation).
 
 Slurm 22.05 line-buffers a task's output unless ``srun -u``, which runs the task on
 a pseudo-terminal (the tool would see a tty, and its stderr is lost). So the
-task's stdout and stderr do not go through srun at all: the relay (the client
-binary's --relay mode, at paths.CLIENT, which the shared filesystem makes visible on
+task's stdout and stderr do not go through srun at all: the relay (the helper
+binary's --relay mode, csrc/helper/relay.c, at paths.HELPER, which the shared filesystem makes visible on
 the nodes like the tools themselves) connects its fd 1 and fd 2 to a TCP listener of
 this backend (each connection opened with a one-time secret token passed in the
 environment, never in argv), restores PWD, SHLVL, ARV_WRAP_DISABLE and BASH_ENV as
-the caller had them, and execs the tool with its own argv[0] by a raw execve syscall
-(srun and the relay run with ARV_WRAP_DISABLE=1, so in
-a nested job, whose environment preloads the shim, the job's own command is not
-redirected again). The dispatcher copies each connection to the caller's own fd 1 and
-fd 2: live to the byte, binary exact, separate, and nothing of Slurm's in them.
-srun's own stderr then carries only Slurm's messages, which are read (never shown)
-to learn the job id, when it was allocated, the task's exact wait status
-(``status=0x....``) and why Slurm ended it (time limit, memory, cancel) or
-refused it.
+the caller had them, and starts the tool as its child with its own argv[0] by a raw
+execve syscall, giving it the caller's nice, ignored signals and signal mask (which
+slurmstepd does not pass on); srun and the relay run with ARV_WRAP_DISABLE=1, so in a
+nested job, whose environment preloads the shim, the job's own command is not
+redirected again. The dispatcher copies each connection to the caller's own fd 1 and
+fd 2: live to the byte, binary exact, separate, and nothing of Slurm's in them; a
+capped copy of stderr is kept in <state dir>/logs/<job id>.stderr as it arrives.
+srun's own stderr then carries only Slurm's messages and the relay's, which are read
+(never shown) to learn the job id, when it was allocated, the task's exact wait
+status (``status=0x....``: the relay ends as the tool did), what the tool used
+(the relay's ``usage`` line from wait4: there is no accounting database to ask) and
+why Slurm ended it (time limit, memory, cancel) or refused it.
 
 stdin goes through srun (which reads its input eagerly), chosen per the rule's
 ``stdin``: ``none`` -> ``--input=none``; ``pass`` -> the caller's fd 0 as is;
@@ -69,10 +72,26 @@ KILL_GRACE = 10.0        # s between SIGTERM and SIGKILL of an srun that must en
 STREAM_GRACE = 5.0       # s to wait for a stream's end after srun exited
 HANDSHAKE_TIMEOUT = 30.0  # s a relay connection may take to send its token
 SPOOL_CAP = 64 * MIB     # unread spool bytes at which the pump pauses (job running)
+LOG_KEEP = 1 * MIB       # a job's kept stderr: its last LOG_KEEP bytes, once ...
+LOG_TRIM_AT = 2 * MIB    # ... the file would pass LOG_TRIM_AT
 HOLD_RECHECK = 0.2       # s between checks of a held pipe reader
 GONE_POLLS = 3           # polls without its job in squeue before an srun is ended
 ENV_DROP = (b"SLURM_", b"SBATCH_", b"SALLOC_", b"SRUN_")
 DESCRIPTOR_ARG = re.compile(rb"/dev/fd/\d|/proc/self/fd/\d|/proc/\d+/fd/\d")
+
+# What of the caller's process state reaches the tool on the node, for `arv-wrap check`
+# (srun carries the environment, the cwd path, umask and soft limits; the relay the rest).
+PROCESS_STATE = (
+    "crosses to the node: argv, environment (minus SLURM_*, SBATCH_*, SALLOC_*, SRUN_*; "
+    "Slurm adds its SLURM_*, SRUN_DEBUG and, if unset, TMPDIR), cwd path, umask, soft "
+    "rlimits (as PropagateResourceLimits says), nice (if the node lets the user set it), "
+    "ignored signals, signal mask",
+    "does not cross: descriptors other than 0-2 (a /dev/fd argument runs the call on the "
+    "local backend), credentials beyond the user (the job has the gid and groups Slurm "
+    "looks up for the user), hard rlimits and the msgqueue, nice, rtprio, rttime and "
+    "sigpending limits, CPU affinity, cgroup, namespaces, oom_score_adj, no_new_privs",
+    "stdout and stderr are sockets; stdin goes through srun as the rule's stdin says",
+)
 
 # srun -v lines (its own, on its stderr)
 RE_QUEUED = re.compile(r"^srun: job (\d+) queued and waiting for resources")
@@ -87,6 +106,7 @@ RE_CONTROLLER = re.compile(r"Unable to contact slurm controller|Slurm controller
                            r"Socket timed out on send/recv|Communication connection failure|"
                            r"Unable to establish Slurm connection", re.I)
 RE_ERROR = re.compile(r"^(?:srun|slurmstepd[-\w]*): error: (.*)")
+RE_USAGE = re.compile(r"^arv-wrap-relay: usage (\d+) (\d+) (\d+)$")
 RE_RELAY = re.compile(r"^arv-wrap-relay: (.*)")
 RE_EXEC_FAILED = re.compile(r"execve\(\): (.*)")
 
@@ -266,11 +286,44 @@ class Relay:
         conn.close()
 
 
-class Stream:
-    """Copies one relay connection to one of the caller's descriptors, in a thread."""
+class Log:
+    """A job's stderr kept as it arrives (`arv-wrap logs JOB --follow` reads it live),
+    capped: the file never passes LOG_TRIM_AT; when it would, it is cut to its last
+    bytes, in place, so a reader that holds it open keeps reading the same file."""
 
-    def __init__(self, target_fd):
+    def __init__(self, path):
+        self.fd = Log.create(path, os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
+
+    @staticmethod
+    def create(path, mode=os.O_WRONLY):
+        """Open the job's log, made 0600 in a 0700 dir if missing (never truncated: the
+        job's start and its stream may both come first)."""
+        paths.private_dir(os.path.dirname(path))
+        return os.open(path, mode | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+    def write(self, data):
+        if self.size + len(data) > LOG_TRIM_AT:
+            keep = max(0, LOG_KEEP - len(data))
+            tail = os.pread(self.fd, keep, self.size - keep) if keep else b""
+            os.pwrite(self.fd, tail, 0)
+            os.ftruncate(self.fd, len(tail))
+            self.size = len(tail)
+            data = data[-LOG_KEEP:]
+        os.pwrite(self.fd, data, self.size)
+        self.size += len(data)
+
+    def close(self):
+        _close(self.fd)
+
+
+class Stream:
+    """Copies one relay connection to one of the caller's descriptors, in a thread,
+    and to a Log if given one (its path)."""
+
+    def __init__(self, target_fd, log_path=None):
         self.target = target_fd
+        self.log_path = log_path
         self.done = threading.Event()
         self.connected = threading.Event()
         self.sock = None
@@ -282,7 +335,13 @@ class Stream:
 
     def _copy(self):
         sock, target = self.sock, self.target
+        log = None
         try:
+            if self.log_path:
+                try:
+                    log = Log(self.log_path)
+                except OSError:
+                    pass       # no copy kept; the stream itself is what matters
             while True:
                 try:
                     data = sock.recv(1 << 16)
@@ -290,6 +349,12 @@ class Stream:
                     break
                 if not data:
                     break
+                if log is not None:
+                    try:
+                        log.write(data)
+                    except OSError:
+                        log.close()
+                        log = None
                 if target is None:
                     break       # the caller has no such descriptor: the tool gets EPIPE
                 try:
@@ -299,6 +364,8 @@ class Stream:
                 except OSError:
                     break       # the caller's reader is gone: close, the tool gets EPIPE
         finally:
+            if log is not None:
+                log.close()
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -432,6 +499,7 @@ class Attempt:
         self.controller = None
         self.relay_error = None
         self.no_relay = None         # the node could not run the relay (not on a shared fs?)
+        self.usage = {}              # what the tool used, as the relay measured it
         self.errors = []
         self.in_options = False      # inside srun -v's echo of its options
 
@@ -460,6 +528,12 @@ class Attempt:
             return
         if RE_MEMORY.search(line):
             self.memory = True
+        m = RE_USAGE.match(line)
+        if m:
+            utime, stime, maxrss = (int(g) for g in m.groups())
+            self.usage = {"cpu_seconds": round((utime + stime) / 1e6, 3),
+                          "max_rss": maxrss * 1024}
+            return
         m = RE_RELAY.match(line)
         if m:
             self.relay_error = m.group(1)
@@ -473,7 +547,7 @@ class Attempt:
         if m:
             self.errors.append(m.group(1).strip())
             failed = RE_EXEC_FAILED.match(m.group(1))
-            if failed and failed.group(1).startswith(paths.CLIENT + ":"):
+            if failed and failed.group(1).startswith(paths.HELPER + ":"):
                 self.no_relay = failed.group(1).strip()
 
 
@@ -493,12 +567,14 @@ class Backend:
             self.tools[tool] = path
         # the relay on the nodes and the launcher in front of srun (the shared
         # filesystem makes this path valid on the nodes too)
-        self.client = paths.CLIENT
+        self.helper = paths.HELPER
         self.bind_host = os.environ.get("ARV_WRAP_SLURM_LISTEN") or "0.0.0.0"
         self.advertise = os.environ.get("ARV_WRAP_SLURM_HOST")   # else found with the relay
         self._relay_lock = threading.Lock()
         # the dispatcher's state dir, as the client computed it from the same environment
-        self.spool_dir = os.path.join(config.get("state_dir") or paths.state_dir(), "spool")
+        state = config.get("state_dir") or paths.state_dir()
+        self.spool_dir = os.path.join(state, "spool")
+        self.log_dir = os.path.join(state, "logs")     # read by `arv-wrap logs`
         self.counters = Counters()
         self.throttle = Throttle(self.rate, max(1, self.max_jobs))
         self.lock = threading.Lock()
@@ -512,6 +588,8 @@ class Backend:
         self._nodes_at = 0.0
         self._nodes_lock = threading.Lock()
         self._nodes_failed_until = 0.0
+        self._config = None
+        self._config_lock = threading.Lock()
 
     # -- answers --
     def check(self):
@@ -534,7 +612,7 @@ class Backend:
 
     # -- sizing --
     def nodes(self):
-        """[(partition, cpus, memory bytes, max time s or None, default?)], cached 60 s;
+        """[(partition, cpus, memory bytes, max time s or None, default?, node)], cached 60 s;
         one sinfo at a time, whatever the number of jobs asking."""
         with self._nodes_lock:
             now = time.monotonic()
@@ -549,17 +627,17 @@ class Backend:
                 raise
 
     def _read_nodes(self):
-        out = self._run("sinfo", ["-h", "-N", "-o", "%P %c %m %l"], timeout=self.timeout,
+        out = self._run("sinfo", ["-h", "-N", "-o", "%P %c %m %l %N"], timeout=self.timeout,
                         counter="other_queries")
         rows = []
         for line in out.stdout.splitlines():
             fields = line.split()
-            if len(fields) != 4:
+            if len(fields) != 5:
                 continue
-            part, cpus, mem, limit = fields
+            part, cpus, mem, limit, node = fields
             try:
                 rows.append((part.rstrip("*"), int(cpus), int(mem.rstrip("+")) * MIB,
-                             parse_slurm_time(limit), part.endswith("*")))
+                             parse_slurm_time(limit), part.endswith("*"), node))
             except ValueError:
                 continue
         if not rows:
@@ -577,18 +655,50 @@ class Backend:
         mine = [r for r in rows if (r[0] == partition if partition else r[4])] or rows
         limits = [r[3] for r in mine]
         return {"cpus": max(r[1] for r in mine), "memory": max(r[2] for r in mine),
-                "time": None if None in limits else max(limits)}
+                "time": None if None in limits else max(limits),
+                "nodes": sorted({r[5] for r in mine})}
+
+    def held_by_caller(self, job, big):
+        """(Slurm job id, cpus, memory bytes) that the Slurm job this call was made in
+        holds on the only node of the call's partition, or None. A driver run as a
+        job (--as-job, nested, an sbatch script) waits for its tools: there a tool can
+        only ever get what the driver leaves, and asking more would wait for ever."""
+        env = job.env
+        try:
+            cpus = int(env[b"SLURM_JOB_CPUS_PER_NODE"])     # "2(x3)" for several nodes
+            slurm_id = env[b"SLURM_JOB_ID"].decode()
+        except (KeyError, ValueError):
+            return None
+        if big["nodes"] != [env.get(b"SLURM_JOB_NODELIST", b"").decode()]:
+            return None
+        # MiB: what it asked for, else the cluster's default per CPU, else none known
+        per_cpu = env.get(b"SLURM_MEM_PER_CPU") or self.config_value("DefMemPerCPU")
+        memory = _mib(env.get(b"SLURM_MEM_PER_NODE")) or cpus * _mib(per_cpu)
+        return slurm_id, cpus, memory * MIB
 
     def fit(self, job):
         """Apply on_oversize against the largest node of the job's partition; None if it fits."""
         partition = job.slurm.get("partition")
+        where = f"partition {partition}" if partition else "the cluster"
+        offerer = f"the largest node of {where}"
         try:
             big = self.largest_node(partition)
+            held = self.held_by_caller(job, big)
         except subprocess.TimeoutExpired:
             text = f"the slurm controller did not answer within {self.timeout:g}s (sinfo)"
             return Outcome("failed", run_locally=True, reason=text, message=text)
         except (BackendError, OSError):
             return None       # let Slurm itself judge the request
+        if held:
+            slurm_id, cpus, memory = held
+            offerer = (f"the only node of {where} beside Slurm job {slurm_id}, which made "
+                       f"this call and waits for it,")
+            big = dict(big, cpus=big["cpus"] - cpus, memory=big["memory"] - memory)
+            if big["cpus"] < 1 or big["memory"] <= 0:
+                text = (f"{job.tool} would wait for ever: Slurm job {slurm_id}, which made "
+                        f"this call and waits for it, holds all the CPUs or memory of the "
+                        f"only node of {where}")
+                return Outcome("failed", reason=text, message=text)
         too_big = []
         if math.ceil(job.cpus) > big["cpus"]:
             too_big.append(("cpus", f"{job.cpus:g} CPUs", f"{big['cpus']} CPUs"))
@@ -597,8 +707,7 @@ class Backend:
                             f"{big['memory'] // MIB} MiB"))
         if job.time_limit and big["time"] and job.time_limit > big["time"]:
             too_big.append(("time", f"a time limit of {job.time_limit}s", f"{big['time']}s"))
-        where = f"partition {partition}" if partition else "the cluster"
-        refused = on_oversize(job, too_big, f"the largest node of {where}")
+        refused = on_oversize(job, too_big, offerer)
         if refused or not too_big:
             return refused
         job.cpus = min(job.cpus, big["cpus"])
@@ -671,13 +780,24 @@ class Backend:
         """Where the nodes reach this host: its address on the route to the controller.
         Its name is only the fallback: Debian maps a host's own name to 127.0.1.1,
         which would send every node to itself."""
-        try:
-            out = self._run("scontrol", ["show", "config"], timeout=min(self.timeout, 5),
-                            counter="other_queries")
-            controller = controller_address(out.stdout)
-        except (subprocess.TimeoutExpired, OSError):
-            controller = None
+        controller = controller_address(self.config())
         return (controller and route_address(*controller)) or _name_address()
+
+    def config(self):
+        """`scontrol show config`, read once ("" while the controller does not answer)."""
+        with self._config_lock:
+            if self._config is None:
+                try:
+                    out = self._run("scontrol", ["show", "config"],
+                                    timeout=min(self.timeout, 5), counter="other_queries")
+                except (subprocess.TimeoutExpired, OSError):
+                    return ""
+                self._config = out.stdout if out.returncode == 0 else None
+            return self._config or ""
+
+    def config_value(self, key):
+        m = re.search(rf"^{key}\s*=\s*(\S+)", self.config(), re.M)
+        return m and m.group(1)
 
     def srun_argv(self, job, name):
         args = [self.tools["srun"], "-v", "-N1", "-n1", f"--job-name={name}",
@@ -693,8 +813,11 @@ class Backend:
         args.append(b"--chdir=" + job.cwd)
         if job.stdin == "none" or 0 not in job.fds:
             args.append("--input=none")
-        args += [self.client, "--relay", job.argv[0] if job.argv else job.path, job.path,
-                 *job.argv[1:]]
+        # srun reads a bare ":" anywhere in its command line as the start of another
+        # (heterogeneous) job's command: every word of the tool's argv goes with a
+        # "+" in front, which the relay takes off
+        tool_argv = [os.fsencode(a) for a in (job.argv or [job.path])]
+        args += [self.helper, "--relay", job.path, *(b"+" + a for a in tool_argv)]
         return [os.fsencode(a) for a in args]
 
     def srun_env(self, job, token):
@@ -714,13 +837,22 @@ class Backend:
         if b"ARV_WRAP_DISABLE" in job.env:
             env[b"ARV_WRAP_SLURM_DISABLE"] = b"=" + job.env[b"ARV_WRAP_DISABLE"]
         env[b"ARV_WRAP_DISABLE"] = b"1"
+        # slurmstepd gives the task neither the caller's nice (PropagatePrioProcess=0)
+        # nor its ignored signals and mask: the relay gives them to the tool
+        if job.nice is not None:
+            env[b"ARV_WRAP_SLURM_NICE"] = b"%d" % job.nice
+        if job.ignored_signals is not None:
+            env[b"ARV_WRAP_SLURM_SIGIGN"] = b"%x" % job.ignored_signals
+        if job.blocked_signals is not None:
+            env[b"ARV_WRAP_SLURM_SIGBLK"] = b"%x" % job.blocked_signals
+        env[b"ARV_WRAP_SLURM_USAGE"] = b"1"     # the relay reports what the tool used
         return env
 
     def launcher(self, rlimits, umask):
         """The client's --launch in front of srun: it dies with the dispatcher
         (PR_SET_PDEATHSIG), and gets the caller's umask and limits where they differ
         from ours (srun carries both to the task)."""
-        out = [self.client, "--launch", str(os.getpid()), "-u", format(umask & 0o777, "o")]
+        out = [self.helper, "--launch", str(os.getpid()), "-u", format(umask & 0o777, "o")]
         root = os.geteuid() == 0
         for res, soft, hard in rlimits:
             if res not in RLIMIT_NAMES:
@@ -835,7 +967,9 @@ class Live:
         self.attempt = Attempt()
         self.name = "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", job.tool)[:64] + ":" + job.id
         self.token = secrets.token_hex(16).encode()
-        self.streams = {1: Stream(job.fds.get(1)), 2: Stream(job.fds.get(2))}
+        self.streams = {1: Stream(job.fds.get(1)),
+                        2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
+                                                               f"{job.id}.stderr"))}
         self.gone_polls = 0
         self.lost = False            # the monitor found the job gone while srun lingers
         self.registered = False
@@ -898,6 +1032,10 @@ class Live:
                     b.register(self)
                 if attempt.slurm_id and attempt.allocated and reported != "running":
                     reported = "running"
+                    try:                # `arv-wrap logs` of a running job finds its log
+                        os.close(Log.create(self.streams[2].log_path))
+                    except OSError:
+                        pass
                     if self.spool:
                         self.spool.job_running()
                     self.started(attempt.slurm_id)
@@ -955,7 +1093,9 @@ class Live:
             b.forget_by_name(self.name)         # a request srun may have left behind
         for stream in self.streams.values():
             stream.finish(STREAM_GRACE if clean else 1.0)
-        return self.outcome(status, why, steered)
+        outcome = self.outcome(status, why, steered)
+        outcome.usage = dict(attempt.usage)
+        return outcome
 
     def outcome(self, srun_status, why, steered):
         job, a = self.job, self.attempt
@@ -1060,6 +1200,14 @@ def _name_address():
         return socket.gethostbyname(name)
     except OSError:
         return name
+
+
+def _mib(value):
+    """A whole number of MiB from Slurm's environment or config; 0 if it is not one."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _above(a, b):

@@ -1,7 +1,7 @@
-/* What every mode of arv-wrap-client shares: its one-line messages, a growable
+/* What arv-wrap-client and arv-wrap-helper share: one-line messages, a growable
  * buffer, path helpers and clocks. */
-#ifndef ARVWRAP_CLIENT_COMMON_H
-#define ARVWRAP_CLIENT_COMMON_H
+#ifndef ARVWRAP_COMMON_H
+#define ARVWRAP_COMMON_H
 
 #include <stddef.h>
 #include <sys/types.h>
@@ -16,7 +16,7 @@ void say_parts(const char *const *parts);
 #define say(...) say_parts((const char *const[]){__VA_ARGS__, NULL})
 #define fail(...) do { say(__VA_ARGS__); _exit(STATUS_ARVWRAP); } while (0)
 
-_Noreturn void usage(void);
+_Noreturn void usage(void);          /* each program's own (its main.c) */
 int exec_status(int err);           /* what a shell exits with for an exec failing with err */
 
 struct buf {

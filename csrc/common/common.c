@@ -1,4 +1,4 @@
-/* Shared helpers of arv-wrap-client's modes (common.h). */
+/* What arv-wrap-client and arv-wrap-helper share (common.h). */
 #include "common.h"
 
 #include <errno.h>
@@ -23,17 +23,6 @@ void say_parts(const char *const *parts)
     ssize_t r;
     if (stderr_open)
         do r = writev(2, v, n); while (r < 0 && errno == EINTR);
-}
-
-_Noreturn void usage(void)
-{
-    static const char msg[] = "usage: arv-wrap-client --shim IDX RESOLVED [ARGV...]"
-                              " | --exec CMD [ARGS...] | --relay ARGV0 PATH [ARGS...]"
-                              " | --launch PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH"
-                              " [ARGS...]\n";
-    ssize_t n = write(2, msg, sizeof msg - 1);
-    (void)n;
-    _exit(2);
 }
 
 int exec_status(int err)

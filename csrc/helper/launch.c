@@ -5,8 +5,8 @@
  * PPID is already gone), then each rlimit RES (its number) to SOFT:HARD ("u" for
  * unlimited), then the umask (octal), then a raw execve of PATH.
  */
-#include "slurm_helpers.h"
-#include "common.h"
+#include "helpers.h"
+#include "../common/common.h"
 
 #include <errno.h>
 #include <limits.h>

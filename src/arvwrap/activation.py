@@ -1,0 +1,62 @@
+"""Switching interception on: the rules, the variables, the run record.
+
+Shared by the commands that start a run (`arv-wrap COMMAND`, `env`, `--as-job`)
+and by `doctor`, which starts a run of its own to test the chain.
+"""
+import os
+import sys
+
+from arvwrap import paths, store, whitelist
+
+
+class UsageError(Exception):
+    """A command line arv-wrap cannot act on (exit 2, one line)."""
+
+
+def load_rules(options, env):
+    files = whitelist.find_whitelists(options["whitelists"], env)
+    if not files:
+        raise UsageError(whitelist.NO_WHITELIST_MESSAGE)
+    return files, whitelist.load(files)
+
+
+def activation_env(files, rules, options, run_id, env):
+    """The variables that switch interception on (docs/internals.md, section 1)."""
+    preload = env.get("LD_PRELOAD", "")
+    entries = [e for e in preload.replace(" ", ":").split(":")
+               if e and os.path.basename(e) != "libarvwrap.so"]
+    out = {
+        "LD_PRELOAD": ":".join([paths.SHIM, *entries]),
+        "ARV_WRAP_SHIM": paths.SHIM,
+        "ARV_WRAP_RULES": rules.compiled,
+        "ARV_WRAP_WHITELIST": ":".join(files),
+        "ARV_WRAP_STATE_DIR": paths.state_dir(env),
+        "ARV_WRAP_PYTHON": sys.executable,
+        "ARV_WRAP_RUN": run_id,
+    }
+    backend = options["backend"] or env.get("ARV_WRAP_BACKEND")
+    if backend:
+        out["ARV_WRAP_BACKEND"] = backend
+    return out
+
+
+def new_run(argv, options, env, **fields):
+    """A top-level record for a run; (store, its id)."""
+    db = store.Store(paths.state_dir(env))
+    run_id = store.new_id()
+    db.insert({"id": run_id, "run": run_id, "parent": None, "kind": "run",
+               "argv": [os.fsencode(a) for a in argv], "cwd": os.getcwd(),
+               "backend": options["backend"] or env.get("ARV_WRAP_BACKEND") or "local",
+               "state": "running", "started": store.now(), "cpus": 0, "memory": 0, **fields})
+    return db, run_id
+
+
+def end_run(db, run_id, status):
+    """Record how the command ended (status as subprocess gives it); a state dir that
+    filled up meanwhile costs the record, not the command's status."""
+    fields = ({"state": "exited", "exit_status": status} if status >= 0
+              else {"state": "signaled", "signal": -status})
+    try:
+        db.update(run_id, ended=store.now(), **fields)
+    except (OSError, store.sqlite3.Error) as e:
+        print(f"arv-wrap: could not record the end of run {run_id}: {e}", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""Jobs on the other backends: backend.run blocks, so each runs in a thread of its
+own; its outcome comes back to the loop (part of arvwrap.dispatcher.Dispatcher).
+The client's forwarded signals and its going away reach the job through the Job.
+"""
+import logging
+import threading
+import time
+
+from arvwrap import backends, store
+from arvwrap.jobspec import Outcome, final_fields
+
+log = logging.getLogger("arvwrap.dispatcher")
+
+
+class RemoteJobs:
+    def _start_remote(self, call):
+        call.state = "remote"
+        threading.Thread(target=self._run_remote, args=(call,), daemon=True).start()
+
+    def _run_remote(self, call):
+        job = call.job
+        try:
+            outcome = self.run_on(self.backend(job.backend), job)
+        except backends.BackendError as e:
+            outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
+        self.post(lambda: self._remote_done(call, outcome))
+
+    def _remote_done(self, call, outcome):
+        if self.falls_back(call.job, outcome) and call.conn is not None:
+            call.job.backend = "local"
+            self._submit_local(call)
+            return
+        if call.conn is None:          # the caller went away while it ran
+            self.store_end(call.job, outcome)
+            self._close(call)
+            return
+        self._end(call, outcome)
+
+    def store_end(self, job, outcome):
+        reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
+        try:
+            self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
+                              backend=job.backend, **final_fields(outcome), **outcome.usage)
+        except Exception as e:
+            log.error("cannot record the end of job %s: %s", job.id, e)
+
+    def run_on(self, backend, job):
+        def started(backend_id, state="running"):
+            # a backend may give its id while the job still waits there (state "queued")
+            fields = {"started": store.now(),
+                      "queued_seconds": round(time.monotonic() - job.arrived, 3)
+                      } if state == "running" else {}
+            self.store.update(job.id, state=state, backend_id=backend_id, **fields)
+        try:
+            return backend.run(job, started)
+        except Exception as e:
+            log.exception("backend %s failed on job %s", job.backend, job.id)
+            return Outcome("failed", reason=f"backend error: {e}",
+                           message=f"the {job.backend} backend failed: {e}")
+
+    @staticmethod
+    def falls_back(job, outcome):
+        """Whether a remote backend's outcome sends the job to the local backend."""
+        if job.backend == "local":
+            return False
+        if outcome.use_local_backend:
+            job.notes.append(f"ran on the local backend: {outcome.reason}")
+            return True
+        if outcome.run_locally and job.on_backend_error == "local":
+            job.notes.append(f"{outcome.reason}; ran on the local backend (on_backend_error: local)")
+            return True
+        if outcome.run_locally:    # the backend failed and the rule says fail
+            outcome.run_locally = False
+            outcome.message = outcome.message or outcome.reason
+        return False

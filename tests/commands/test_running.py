@@ -1,0 +1,97 @@
+"""Starting runs: `arv-wrap --as-job`, `-v`, and `arv-wrap env` runs that end."""
+import json
+import os
+import subprocess
+import time
+
+from conftest import arv_wrap, jobs, write_tool
+
+
+def tree_of(env):
+    records = jobs(env)
+    [run] = [r for r in records if r["kind"] == "run"]
+    below = {r["id"]: [c for c in records if c["parent"] == r["id"]] for r in records}
+    return run, below
+
+
+def test_as_job_makes_the_driver_a_job_with_its_tools_below_it(tools, base_env, whitelist_file):
+    write_tool(tools, "step", 'echo "step $1"\n')
+    base_env["ARV_WRAP_LOCAL_CPUS"] = "1"      # 0.1 for the driver + 1 per step: lent
+    rules = whitelist_file("tools:\n  - name: step\n    cpus: 1\n")
+    script = "step one; step two; exit 3"
+    plain = subprocess.run(["bash", "-c", script], env=base_env, stdout=subprocess.PIPE)
+    result = arv_wrap("-w", rules, "--as-job", "--", "bash", "-c", script, env=base_env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (3, plain.stdout, b"")
+    run, below = tree_of(base_env)
+    [driver] = below[run["id"]]
+    assert (driver["argv"], driver["cpus"], driver["state"], driver["exit_status"]) == (
+        ["bash", "-c", script], 0.1, "exited", 3)
+    steps = below[driver["id"]]
+    assert sorted(s["argv"][1] for s in steps) == ["one", "two"]
+    assert all(s["state"] == "exited" and s["run"] == run["id"] for s in steps)
+    assert (run["state"], run["exit_status"]) == ("exited", 3)
+
+
+def test_as_job_takes_the_cpus_it_is_given(tools, base_env, whitelist_file):
+    rules = whitelist_file("tools:\n  - name: step\n")
+    result = arv_wrap("-w", rules, "--as-job", "--cpus", "0.5", "--", "true", env=base_env)
+    assert result.returncode == 0
+    _, below = tree_of(base_env)
+    [driver] = [r for r in jobs(base_env) if r["kind"] == "job"]
+    assert driver["cpus"] == 0.5
+    bad = arv_wrap("-w", rules, "--as-job", "--cpus", "none", "--", "true", env=base_env,
+                   stderr=subprocess.PIPE)
+    assert bad.returncode == 2 and bad.stderr.startswith(b"arv-wrap: --cpus")
+
+
+def test_as_job_of_a_missing_program_is_127(base_env, whitelist_file):
+    rules = whitelist_file("tools:\n  - name: step\n")
+    result = arv_wrap("-w", rules, "--as-job", "--", "no-such-program-x", env=base_env,
+                      stderr=subprocess.PIPE)
+    assert result.returncode == 127
+    assert result.stderr == b"arv-wrap: no-such-program-x: No such file or directory\n"
+
+
+def test_verbose_prints_one_line_as_each_job_starts_and_ends(tools, base_env, whitelist_file):
+    write_tool(tools, "step", "echo out\n")
+    rules = whitelist_file("tools:\n  - name: step\n")
+    result = arv_wrap("-w", rules, "-v", "--", "bash", "-c", "step; step", env=base_env,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.stdout == b"out\nout\n"
+    lines = result.stderr.decode().splitlines()
+    assert [line.split()[1] for line in lines] == ["started", "ended", "started", "ended"]
+    quiet = arv_wrap("-w", rules, "--", "step", env=base_env, stderr=subprocess.PIPE)
+    assert quiet.stderr == b""
+
+
+def test_an_env_run_ends_when_its_shell_is_gone(tools, base_env, whitelist_file):
+    write_tool(tools, "step", "true\n")
+    rules = whitelist_file("tools:\n  - name: step\n")
+    base_env["ARV_WRAP_WHITELIST"] = rules
+    subprocess.run(["bash", "-c", 'eval "$(python3 -m arvwrap env)"; step'], env=base_env,
+                   check=True)
+    deadline = time.monotonic() + 10
+    while True:       # the commands that show records close it (so does the dispatcher)
+        [run] = [r for r in jobs(base_env) if r["kind"] == "run"]
+        if run["state"] != "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert run["state"] == "exited" and run["ended"] and "shell ended" in run["reason"]
+
+
+def test_an_env_run_stays_running_while_its_shell_lives(tools, base_env, whitelist_file):
+    base_env["ARV_WRAP_WHITELIST"] = whitelist_file("tools:\n  - name: step\n")
+    shell = subprocess.Popen(["bash", "-c", 'eval "$(python3 -m arvwrap env)"; read x'],
+                             env=base_env, stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not [r for r in jobs(base_env) if r["kind"] == "run"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        [run] = [r for r in jobs(base_env) if r["kind"] == "run"]
+        assert run["state"] == "running" and run["shell_pid"] == shell.pid
+    finally:
+        shell.communicate(b"\n", timeout=10)
+    [run] = [r for r in jobs(base_env) if r["kind"] == "run"]
+    assert run["state"] == "exited"
