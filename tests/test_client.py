@@ -613,8 +613,10 @@ def listener():
 
 
 def relay(helper, argv0, path, *args):
-    """The helper's --relay argv for a tool: each word of the tool's argv with its "+"."""
-    return [helper, "--relay", path, *("+" + a for a in (argv0, *args))]
+    """The helper's --relay argv for a tool, as the Slurm backend writes it: a word
+    that is ":" or starts with "+" gets a "+" in front (srun reads ":" itself)."""
+    return [helper, "--relay", path,
+            *("+" + a if a == ":" or a.startswith("+") else a for a in (argv0, *args))]
 
 
 def relay_env(env, listener, token="0123abcd", **extra):

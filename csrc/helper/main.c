@@ -3,7 +3,7 @@
  *
  *   arv-wrap-helper --exec CMD [ARGS...]            execvp(CMD): the shim preloaded in
  *                                                   this (dynamic) program hooks it
- *   arv-wrap-helper --relay PATH +ARGV0 [+ARGS...]   a Slurm task on the node (relay.c)
+ *   arv-wrap-helper --relay PATH ARGV0 [ARGS...]     a Slurm task on the node (relay.c)
  *   arv-wrap-helper --launch PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH [ARGS...]
  *                                                    start srun for the Slurm backend (launch.c)
  *
@@ -20,7 +20,7 @@
 _Noreturn void usage(void)
 {
     static const char msg[] = "usage: arv-wrap-helper --exec CMD [ARGS...]"
-                              " | --relay PATH +ARGV0 [+ARGS...]"
+                              " | --relay PATH ARGV0 [ARGS...]"
                               " | --launch PPID [-u UMASK] [-l RES:SOFT:HARD]... -- PATH"
                               " [ARGS...]\n";
     ssize_t n = write(2, msg, sizeof msg - 1);

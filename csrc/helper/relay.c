@@ -1,8 +1,8 @@
 /* The Slurm backend's relay (src/arvwrap/backends/slurm.py).
  *
- * --relay PATH +ARGV0 +ARGS... (srun runs it on the node; every word of the tool's
- * argv comes with a "+" in front, since srun would read a bare ":" as the start of
- * another job's command): connects fd 1 and then
+ * --relay PATH ARGV0 ARGS... (srun runs it on the node; a word of the tool's argv
+ * that is ":" or starts with "+" comes with a "+" in front, since srun would read a
+ * bare ":" as the start of another job's command): connects fd 1 and then
  * fd 2 to ARV_WRAP_SLURM_HOST:ARV_WRAP_SLURM_PORT, each connection opened with
  * "o<token>\n" / "e<token>\n" (ARV_WRAP_SLURM_TOKEN); gives PWD, SHLVL,
  * ARV_WRAP_DISABLE and BASH_ENV back the caller's values (ARV_WRAP_SLURM_<NAME> is
@@ -305,8 +305,6 @@ _Noreturn void run_relay(const char *path, char **args)
     for (char **a = args; *a; a++)                  /* "+WORD": see the header */
         if (**a == '+')
             ++*a;
-        else
-            relay_fail(STATUS_ARVWRAP, "a word of the tool's argv lacks its '+': ", *a, NULL);
     if (!args[0])
         relay_fail(STATUS_ARVWRAP, "no argv[0] for the tool", NULL, NULL);
     run_tool(path, args, &st, report_usage);

@@ -810,14 +810,14 @@ class Backend:
             if job.slurm.get(key):
                 args.append(f"--{key}={job.slurm[key]}")
         args += list(job.slurm.get("extra") or ())
-        args.append(b"--chdir=" + job.cwd)
         if job.stdin == "none" or 0 not in job.fds:
             args.append("--input=none")
         # srun reads a bare ":" anywhere in its command line as the start of another
-        # (heterogeneous) job's command: every word of the tool's argv goes with a
-        # "+" in front, which the relay takes off
+        # (heterogeneous) job's command: such a word, and one that starts with "+",
+        # goes with a "+" in front, which the relay takes off
         tool_argv = [os.fsencode(a) for a in (job.argv or [job.path])]
-        args += [self.helper, "--relay", job.path, *(b"+" + a for a in tool_argv)]
+        args += [self.helper, "--relay", job.path,
+                 *(b"+" + a if a == b":" or a.startswith(b"+") else a for a in tool_argv)]
         return [os.fsencode(a) for a in args]
 
     def srun_env(self, job, token):
@@ -1164,7 +1164,9 @@ class Live:
         subprocess: a fork of the dispatcher costs ~3 ms, this ~0.2 ms."""
         stdin = self.spool.feed_r if self.spool is not None else self.stdin_fd
         launcher = self.backend.launcher(self.job.rlimits, self.job.umask)
-        proc = subprocess.Popen(launcher + argv, env=env,
+        # srun's own cwd is the task's: no --chdir, which `srun -v` would echo raw
+        # among the messages it is read for (a cwd's name could fake them)
+        proc = subprocess.Popen(launcher + argv, env=env, cwd=self.job.cwd,
                                 stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err_w,
                                 start_new_session=True)
