@@ -13,6 +13,8 @@ PROBE_RULES = "1;n:true"
 def run(options):
     checks = [check_files, check_interception, lambda: check_rules(options),
               lambda: check_backend(options), lambda: check_round_trip(options)]
+    if (options["backend"] or os.environ.get("ARV_WRAP_BACKEND")) == "docker":
+        checks.insert(4, lambda: check_images(options))
     failed = 0
     for check in checks:
         ok, text = check()
@@ -68,21 +70,62 @@ def check_backend(options):
         return False, f"backend {name}: {e}"
 
 
+def check_images_missing(options):
+    from arvwrap import backends
+    try:
+        return backends.load("docker", {}).missing_images(named_images(options))
+    except Exception:
+        return named_images(options)
+
+
+def named_images(options):
+    """The images the whitelist's rules name."""
+    files = whitelist.find_whitelists(options["whitelists"], os.environ)
+    try:
+        rules = whitelist.load(files) if files else None
+    except (OSError, whitelist.WhitelistError):
+        return []
+    return sorted({r.image for r in rules.rules if r.image}) if rules else []
+
+
+def check_images(options):
+    """docker: which images the whitelist names are not on the engine."""
+    from arvwrap import backends
+    images = named_images(options)
+    if not images:
+        return True, "images: the whitelist names none (the docker backend needs one per rule)"
+    try:
+        missing = backends.load("docker", {}).missing_images(images)
+    except Exception as e:
+        return False, f"images: cannot ask the engine: {e}"
+    if missing:
+        return False, f"images missing on the engine (pulled on first use when a registry " \
+                      f"answers): {', '.join(missing)}"
+    return True, f"images: all {len(images)} the whitelist names are there"
+
+
 def check_round_trip(options):
-    """Redirect a real `true` through the dispatcher to the chosen backend."""
+    """Redirect a real `true` through the dispatcher to the chosen backend (docker:
+    `sh -c true` in an image the whitelist names)."""
     from arvwrap import activation, store
     name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+    tool, argv, image = "'true'", ["true"], ""
+    if name == "docker":
+        images = [i for i in named_images(options) if i not in check_images_missing(options)]
+        if not images:
+            return True, "round trip skipped: no image of the whitelist is on the engine"
+        tool, argv, image = "sh", ["sh", "-c", "true"], f"\n    image: '{images[0]}'"
     with tempfile.TemporaryDirectory() as tmp:
         rules_file = os.path.join(tmp, "doctor.yaml")
         with open(rules_file, "w") as f:
-            f.write("tools:\n  - name: 'true'\n    cpus: 0.01\n    time: 5m\n")
+            f.write(f"tools:\n  - name: {tool}\n    cpus: 0.01\n    time: 5m{image}\n")
         env = dict(os.environ)
         _, run_id = activation.new_run(["arv-wrap", "doctor"], options, env)
         env.update(activation.activation_env([rules_file], whitelist.load([rules_file]),
                                       {"backend": name}, run_id, env))
         start = time.monotonic()
         try:
-            done = subprocess.run([paths.HELPER, "--exec", "true"], env=env, timeout=120,
+            done = subprocess.run([paths.HELPER, "--exec", *argv], env=env, timeout=120,
                                   stderr=subprocess.PIPE)
         except subprocess.TimeoutExpired:
             return False, f"a redirected `true` did not finish within 120 s on {name}"

@@ -472,3 +472,16 @@ def test_a_pull_shows_its_progress_on_stderr_once_per_step(api):
     b.api = SimpleNamespace(pull=lambda repo, tag, stream, decode: iter([{"error": "denied"}]))
     with pytest.raises(b.errors.APIError, match="denied"):
         b.pull("tool:1", None)
+
+
+def test_doctor_says_which_images_are_missing_and_runs_a_call_in_one_that_is_there(env):
+    with open(env["ARV_WRAP_WHITELIST"], "a") as f:
+        f.write("  - name: arvwrap-doctor-tool\n    image: arvwrap-no-such-image:9\n")
+    result = arv_wrap("doctor", "-b", "docker", env=env, stdout=subprocess.PIPE, timeout=120)
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 1
+    [missing] = [line for line in lines if line.startswith("FAIL")]
+    assert "images missing" in missing and "arvwrap-no-such-image:9" in missing
+    assert IMAGE not in missing
+    assert any(line.startswith("ok") and "ran as job" in line and "on docker" in line
+               for line in lines), lines

@@ -115,6 +115,16 @@ class Backend:
         return (f"docker: engine {version.get('Version')} (API {version.get('ApiVersion')}); "
                 f"{cpus:g} CPUs, {memory // MIB} MiB")
 
+    def missing_images(self, images):
+        """Those of images the engine does not hold (for `arv-wrap doctor`)."""
+        missing = []
+        for image in images:
+            try:
+                self.api.inspect_image(image)
+            except self.errors.ImageNotFound:
+                missing.append(image)
+        return missing
+
     def largest(self):
         """(cpus, memory bytes) the engine offers one container: all of its machine."""
         with self.lock:
