@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -89,6 +90,39 @@ def wrapped(env, script, **kwargs):
 def job_records(env):
     """The records of redirected calls (not of runs), newest first."""
     return [r for r in jobs(env) if r["kind"] == "job"]
+
+
+def until(predicate, timeout=10, what="the condition", step=0.02):
+    """Poll predicate until it returns something true, and return that; fail the test
+    after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(step)
+
+
+def poll(predicate, timeout=5, step=0.02):
+    """Poll predicate until it returns something true or timeout seconds pass; its
+    last value either way (for the caller to assert on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def alive(pid):
+    """pid exists and is not a zombie (this machine's init does not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def write_tool(directory, name, body):

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from arvwrap import paths, protocol
+from conftest import poll as wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
@@ -624,15 +625,6 @@ def relay_env(env, listener, token="0123abcd", **extra):
                ARV_WRAP_SLURM_TOKEN=token)
     env.update(extra)
     return env
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_client_relay_sends_tokens_and_carries_the_streams(helper, env, listener):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from arvwrap import paths
-from conftest import ON_CI, arv_wrap, job_records, need, wrapped, write_tool
+from conftest import (ON_CI, alive, arv_wrap, job_records, need, until as wait_until, wrapped,
+                      write_tool)
 
 ARV = [sys.executable, "-m", "arvwrap"]
 NOBODY = 65534
@@ -77,22 +78,6 @@ def need_root():
         if ON_CI:
             pytest.fail("this test must run as root on CI")
         pytest.skip("needs root")
-
-
-def wait_until(predicate, seconds=10, what="it"):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def alive(pid):
-    """pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def pids_of(command):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import arv_wrap, job_records, wrapped, write_tool
+from conftest import alive as running, arv_wrap, job_records, until, wrapped, write_tool
 
 MIB = 1 << 20
 
@@ -38,32 +38,12 @@ def direct(env, script, **kwargs):
     return subprocess.run(["bash", "-c", script], env=env, timeout=60, **kwargs)
 
 
-def until(predicate, timeout=15, what="the condition"):
-    """Poll predicate until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def record_of(env, tool, state=None):
     """The newest record of tool's calls (in state, if given), or None."""
     for r in job_records(env):
         if r["argv"][0] == tool and (state is None or r["state"] == state):
             return r
     return None
-
-
-def running(pid):
-    """pid exists and is not a zombie (this machine's init does not reap orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def left_running(marker):

@@ -7,16 +7,7 @@ import time
 
 from arvwrap import progress, store
 
-
-def wait_for(predicate, timeout=10, interval=0.02, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+from conftest import until as wait_for
 
 
 class Stream(io.StringIO):

@@ -16,7 +16,7 @@ import pytest
 
 from arvwrap import store, top
 
-from conftest import ROOT, need
+from conftest import need, ROOT, until as wait_for
 
 SRC = os.path.join(ROOT, "src")
 TOP = "import sys; from arvwrap import top; sys.exit(top.main(*sys.argv[1:]))"
@@ -25,17 +25,6 @@ TOP = "import sys; from arvwrap import top; sys.exit(top.main(*sys.argv[1:]))"
 def ago(seconds):
     stamp = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-
-
-def wait_for(predicate, timeout=10, interval=0.05, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ON_CI, arv_wrap, job_records, need, wrapped
+from conftest import arv_wrap, job_records, need, ON_CI, poll as wait_for, wrapped
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "scripts" / "docker-engine.sh"
@@ -74,16 +74,6 @@ def set_rules(env, **changes):
 
 def containers_of(api, job_id):
     return api.containers(all=True, filters={"label": f"arv-wrap.job={job_id}"})
-
-
-def wait_for(predicate, seconds, step=0.05):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def running_job(env):

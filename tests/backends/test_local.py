@@ -5,13 +5,14 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
 from arvwrap import store
 from arvwrap.backends import local
 from arvwrap.jobspec import Job
+
+from conftest import until, alive as running
 
 GIB = 1 << 30
 
@@ -53,22 +54,6 @@ def pipe():
     for fd in made:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def until(predicate, timeout=10, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def running(pid):
-    """pid exists and is not a zombie (this machine's init does not reap orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- admission ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from arvwrap import paths
-from conftest import arv_wrap, job_records, jobs, need, wrapped, write_tool
+from conftest import arv_wrap, job_records, jobs, need, poll as wait_for, wrapped, write_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
@@ -90,16 +90,6 @@ def in_squeue(job_ids):
     out = subprocess.run(["squeue", "-h", "-o", "%i %T %j"], capture_output=True, text=True,
                          timeout=30).stdout
     return [line for line in out.splitlines() if any(j in line for j in job_ids)]
-
-
-def wait_for(predicate, seconds, step=0.1):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def running_job(env):

@@ -1,5 +1,4 @@
 """The records through the commands: jobs, show, logs, cancel, gc."""
-import json
 import os
 import subprocess
 import time

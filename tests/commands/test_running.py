@@ -1,6 +1,4 @@
 """Starting runs: `arv-wrap --as-job`, `-v`, and `arv-wrap env` runs that end."""
-import json
-import os
 import subprocess
 import time
 
