@@ -401,7 +401,14 @@ class Dispatcher(LocalJobs, RemoteJobs):
 
     def _end(self, call, outcome, **fields):
         """Record how the job ended and give the caller its final reply."""
-        job = call.job
+        self.record_end(call.job, outcome, **fields)
+        if outcome.state == "exited" and outcome.message:
+            self._send(call, protocol.encode_line(f"warn {outcome.message}"))
+        self._finish(call, protocol.final_reply(outcome))
+
+    def record_end(self, job, outcome, **fields):
+        """The job's final record fields; a state dir that cannot take them costs the
+        record, not the caller's answer."""
         reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
         try:
             self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
@@ -409,9 +416,6 @@ class Dispatcher(LocalJobs, RemoteJobs):
                               **final_fields(outcome), **{**outcome.usage, **fields})
         except Exception as e:
             log.error("cannot record the end of job %s: %s", job.id, e)
-        if outcome.state == "exited" and outcome.message:
-            self._send(call, protocol.encode_line(f"warn {outcome.message}"))
-        self._finish(call, protocol.final_reply(outcome))
 
     def cancel(self, job_id, reason):
         """Cancel that job and every job below it that this dispatcher holds (the
@@ -538,10 +542,7 @@ def main(argv=None):
     try:
         dispatcher = start(args)
         listener = listen(args.socket)
-    except SystemExit as e:
-        report(args.report_fd, f"the dispatcher cannot start: {e}")
-        return 1
-    except Exception as e:
+    except (SystemExit, Exception) as e:     # start() words its own failures as SystemExit
         report(args.report_fd, f"the dispatcher cannot start: {e}")
         return 1
     report(args.report_fd, None)

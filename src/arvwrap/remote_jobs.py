@@ -7,7 +7,7 @@ import threading
 import time
 
 from arvwrap import backends, store
-from arvwrap.jobspec import Outcome, final_fields
+from arvwrap.jobspec import Outcome
 
 log = logging.getLogger("arvwrap.dispatcher")
 
@@ -31,18 +31,10 @@ class RemoteJobs:
             self._submit_local(call)
             return
         if call.conn is None:          # the caller went away while it ran
-            self.store_end(call.job, outcome)
+            self.record_end(call.job, outcome)
             self._close(call)
             return
         self._end(call, outcome)
-
-    def store_end(self, job, outcome):
-        reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
-        try:
-            self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
-                              backend=job.backend, **final_fields(outcome), **outcome.usage)
-        except Exception as e:
-            log.error("cannot record the end of job %s: %s", job.id, e)
 
     def run_on(self, backend, job):
         def started(backend_id, state="running"):
