@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(gcc make bash coreutils findutils procps)
+# musl: arv-wrap-client is linked with it when present (csrc/native.py says why)
+packages+=(musl-tools)
 # examples/align (tests/test_align.py): the real tools, and javac for its Java driver
 packages+=(bwa samtools bcftools openjdk-17-jdk-headless)
 # tests/test_report.py: the HTML report, loaded in real headless Chromium
