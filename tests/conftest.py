@@ -151,3 +151,18 @@ def whitelist_file(tmp_path):
         path.write_text(text)
         return str(path)
     return write
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: a real disk that fills (tests run as root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             stderr=subprocess.PIPE, text=True)
+    if mounted.returncode:
+        if ON_CI:
+            pytest.fail(f"cannot mount a tmpfs on CI: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)

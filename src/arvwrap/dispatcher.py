@@ -53,7 +53,7 @@ class RuleCache:
         self._value = None
 
     def get(self, files):
-        key = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+        key = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [os.stat(f)])
         if key != self._key:
             self._value, self._key = whitelist.load(list(files)), key
         return self._value
@@ -77,7 +77,8 @@ class Call:
         self.why_killed = None   # what arv-wrap stopped it for
         self.kill_timer = None
         self.pid_timer = None
-        self.recorded = False    # its record is written
+        self.recorded = False    # its record is written (or waits for the round's commit)
+        self.unrecorded = False  # that commit failed: it ends, and never starts
 
 
 class Dispatcher(LocalJobs, RemoteJobs):
@@ -99,6 +100,8 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.timers = []           # heap of (when, seq, callback)
         self._seq = itertools.count()
         self.posted = queue.SimpleQueue()   # callbacks from backend threads
+        self.after_commit = []   # what waits for the round's records (replies, starts)
+        self.failed_records = []  # (call, error): its record failed at the round's commit
         self.backend_lock = threading.Lock()
         self.recheck_due = False
         self.next_runs_check = 0.0
@@ -118,12 +121,30 @@ class Dispatcher(LocalJobs, RemoteJobs):
             if self._finished():
                 break
             timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else TICK
-            for key, _ in self.selector.select(timeout):
-                key.data(key.fileobj)
-            self._run_timers()
-            while not self.posted.empty():
-                self.posted.get()()
+            events = self.selector.select(timeout)
+            self.store.begin_batch()
+            try:
+                for key, _ in events:
+                    key.data(key.fileobj)
+                self._run_timers()
+                while not self.posted.empty():
+                    self.posted.get()()
+            finally:
+                self._end_round()
         listener.close()
+
+    def _end_round(self):
+        """Commit the round's records, then send the replies that waited for them: a
+        caller is never told of a start or an end that is not recorded."""
+        self.store.end_batch()
+        failed, self.failed_records = self.failed_records, []
+        for call, _ in failed:      # all marked first: a release below starts none of them
+            call.unrecorded = True
+        for call, error in failed:
+            self._unrecorded(call, error)
+        waiting, self.after_commit = self.after_commit, []
+        for step in waiting:
+            step()
 
     def _finished(self):
         if self.stopping is not None:
@@ -253,32 +274,38 @@ class Dispatcher(LocalJobs, RemoteJobs):
             self._finish(call, "fail internal error in the dispatcher (see dispatcher.log)")
 
     def _send(self, call, data):
+        """Send now, or after the round's records are committed if it has written
+        some (the reply may tell of them). False if the caller is gone; a reply that
+        waits cannot fail here: the connection's end still reaches the loop."""
+        conn = call.conn
+        if self.store.pending:
+            self.after_commit.append(lambda: self._deliver(conn, data))
+            return True
+        return self._deliver(conn, data)
+
+    @staticmethod
+    def _deliver(conn, data):
         """Replies are short and the client reads them at once: one non-blocking send
         nearly always takes the whole; the rest, if any, is sent blocking (bounded)."""
         try:
-            sent = call.conn.send(data)
-            if sent < len(data):
-                call.conn.settimeout(5)
-                try:
-                    call.conn.sendall(data[sent:])
-                finally:
-                    call.conn.setblocking(False)
-            return True
+            sent = conn.send(data)
         except BlockingIOError:
-            return self._send_slowly(call, data)
+            sent = 0
         except OSError:
             return False
-
-    @staticmethod
-    def _send_slowly(call, data):
+        if sent == len(data):
+            return True
         try:
-            call.conn.settimeout(5)
-            call.conn.sendall(data)
+            conn.settimeout(5)
+            conn.sendall(data[sent:])
             return True
         except OSError:
             return False
         finally:
-            call.conn.setblocking(False)
+            try:
+                conn.setblocking(False)
+            except OSError:
+                pass
 
     def _finish(self, call, line):
         """The final reply, then the connection closes."""
@@ -289,7 +316,10 @@ class Dispatcher(LocalJobs, RemoteJobs):
     def _close(self, call):
         if call.conn is not None:
             self.selector.unregister(call.conn)
-            call.conn.close()
+            if self.store.pending:      # after the replies that wait for the commit
+                self.after_commit.append(call.conn.close)
+            else:
+                call.conn.close()
             call.conn = None
         if call.job is not None:
             call.job.close()
@@ -324,8 +354,8 @@ class Dispatcher(LocalJobs, RemoteJobs):
             job.cancel(self.stopping)
         if job.backend == "local":
             self._submit_local(call)
-        elif self._record(call):
-            self._start_remote(call)
+        elif self._record(call):      # started once recorded, unless that failed
+            self.when_recorded(lambda: call.conn is not None and self._start_remote(call))
 
     def _record(self, call, **fields):
         """Write the job's record (once, before it may start; later calls update it).
@@ -335,13 +365,29 @@ class Dispatcher(LocalJobs, RemoteJobs):
             if call.recorded:
                 self.store.update(job.id, **fields)
             else:
-                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields})
+                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields},
+                                  on_error=lambda e: self.failed_records.append((call, e)))
                 call.recorded = True
             return True
         except Exception as e:
-            log.error("cannot record job %s: %s", job.id, e)
-            self._finish(call, f"fail cannot record the job in {self.state_dir}: {e}")
+            self._unrecorded(call, e)
             return False
+
+    def _unrecorded(self, call, error):
+        """The job's record could not be written (now, or at the round's commit, before
+        the caller was told anything): it fails, and nothing of it runs."""
+        log.error("cannot record job %s: %s", call.job.id, error)
+        if call.conn is not None:
+            if call.claim:
+                self._release(call)
+            self._finish(call, f"fail cannot record the job in {self.state_dir}: {error}")
+
+    def when_recorded(self, step):
+        """step() once the round's records are committed (now if none wait)."""
+        if self.store.pending:
+            self.after_commit.append(step)
+        else:
+            step()
 
     def build_job(self, request):
         """(Job, warning) for a request, or (None, warning) to run it locally."""

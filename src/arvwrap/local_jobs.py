@@ -52,6 +52,8 @@ class LocalJobs:
     def _launch(self, call):
         """Tell the client to start the tool: it was admitted."""
         job = call.job
+        if call.unrecorded:
+            return
         if call.state == "queued":           # admitted after waiting: its record says so
             try:
                 self.store.update(job.id, **self._running(call))

@@ -308,7 +308,9 @@ class Incoming:
             return None
         length = parse_header(self.header)
         self.payload = bytearray(length)
-        return ("request", parse_payload(b"", self.fds)) if length == 0 else None
+        if length == 0:
+            return "request", parse_payload(b"", self.fds)
+        return self._feed()       # the payload is usually there already: no second wake
 
     def _cancel(self):
         if b"\n" not in self.header:
