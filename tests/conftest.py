@@ -166,3 +166,16 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node Slurm of scripts/slurm-cluster.sh, brought up (root) or found up."""
+    need("srun")
+    script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
+    command = "up" if os.geteuid() == 0 else "status"
+    proc = subprocess.run(["bash", script, command], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        if ON_CI:
+            pytest.fail(f"the Slurm cluster is not up: {proc.stdout}{proc.stderr}")
+        pytest.skip("the Slurm cluster is not up and we are not root to start it")

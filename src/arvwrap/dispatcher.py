@@ -37,6 +37,7 @@ from arvwrap.backends import local
 from arvwrap.jobspec import Job, final_fields, job_environment
 from arvwrap.local_jobs import LocalJobs
 from arvwrap.remote_jobs import RemoteJobs
+from arvwrap.reuse_jobs import ReuseJobs, reuse_enabled
 
 log = logging.getLogger("arvwrap.dispatcher")
 STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
@@ -79,9 +80,10 @@ class Call:
         self.pid_timer = None
         self.recorded = False    # its record is written (or waits for the round's commit)
         self.unrecorded = False  # that commit failed: it ends, and never starts
+        self.capture = None      # job reuse: its streams and outputs, kept as it runs
 
 
-class Dispatcher(LocalJobs, RemoteJobs):
+class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
     def __init__(self, sock_path, state_dir, env=os.environ):
         self.sock_path = sock_path
         self.state_dir = state_dir
@@ -102,6 +104,9 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.posted = queue.SimpleQueue()   # callbacks from backend threads
         self.after_commit = []   # what waits for the round's records (replies, starts)
         self.failed_records = []  # (call, error): its record failed at the round's commit
+        self._cache = self._workers = None   # job reuse, made on first use
+        self.running_keys = {}    # reuse key -> [calls waiting for the job running it]
+        self.key_runners = {}     # reuse key -> id of that job
         self.backend_lock = threading.Lock()
         self.recheck_due = False
         self.next_runs_check = 0.0
@@ -273,26 +278,30 @@ class Dispatcher(LocalJobs, RemoteJobs):
                 self._release(call)
             self._finish(call, "fail internal error in the dispatcher (see dispatcher.log)")
 
-    def _send(self, call, data):
+    def _send(self, call, data, fds=()):
         """Send now, or after the round's records are committed if it has written
         some (the reply may tell of them). False if the caller is gone; a reply that
-        waits cannot fail here: the connection's end still reaches the loop."""
+        waits cannot fail here: the connection's end still reaches the loop.
+        fds go with the first byte, and are closed here once sent."""
         conn = call.conn
         if self.store.pending:
-            self.after_commit.append(lambda: self._deliver(conn, data))
+            self.after_commit.append(lambda: self._deliver(conn, data, fds))
             return True
-        return self._deliver(conn, data)
+        return self._deliver(conn, data, fds)
 
     @staticmethod
-    def _deliver(conn, data):
+    def _deliver(conn, data, fds=()):
         """Replies are short and the client reads them at once: one non-blocking send
         nearly always takes the whole; the rest, if any, is sent blocking (bounded)."""
         try:
-            sent = conn.send(data)
+            sent = socket.send_fds(conn, [data], fds) if fds else conn.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
             return False
+        finally:
+            for fd in fds:
+                os.close(fd)
         if sent == len(data):
             return True
         try:
@@ -327,6 +336,10 @@ class Dispatcher(LocalJobs, RemoteJobs):
         if call.pidfd is not None:
             os.close(call.pidfd)
             call.pidfd = None
+        if call.capture is not None:
+            for fd in call.capture.callers.values():
+                os.close(fd)
+            call.capture.callers = {}
         self.cancel_timer(call.kill_timer)
         self.cancel_timer(call.pid_timer)
         self.calls.discard(call)
@@ -352,9 +365,18 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.by_job[job.id] = call
         if self.stopping:
             job.cancel(self.stopping)
-        if job.backend == "local":
+        if job.reuse and not self.stopping:
+            self._start_keying(call)
+        else:
+            self._dispatch(call)
+
+    def _dispatch(self, call):
+        """Hand the job to its backend."""
+        if call.job.backend == "local":
             self._submit_local(call)
-        elif self._record(call):      # started once recorded, unless that failed
+            return
+        self.capture_remote(call)
+        if self._record(call):      # started once recorded, unless that failed
             self.when_recorded(lambda: call.conn is not None and self._start_remote(call))
 
     def _record(self, call, **fields):
@@ -418,6 +440,7 @@ class Dispatcher(LocalJobs, RemoteJobs):
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
                   rule=rule, slurm=rule.slurm or {}, notes=list(notes))
         job.client_pid = request.pid
+        job.reuse = reuse_enabled(env, rule)
         return job, None
 
     def driver_job(self, request, env):
@@ -446,7 +469,11 @@ class Dispatcher(LocalJobs, RemoteJobs):
             return self.backends[name]
 
     def _end(self, call, outcome, **fields):
-        """Record how the job ended and give the caller its final reply."""
+        """Record how the job ended and give the caller its final reply (a job whose
+        result may be kept for reuse first has its captures finished)."""
+        if call.capture is not None and not call.capture.saving:
+            self.finish_capture(call, outcome, fields)
+            return
         self.record_end(call.job, outcome, **fields)
         if outcome.state == "exited" and outcome.message:
             self._send(call, protocol.encode_line(f"warn {outcome.message}"))

@@ -60,6 +60,9 @@ class LocalJobs:
             except Exception as e:
                 log.error("cannot record the start of job %s: %s", job.id, e)
         call.state = "starting"
+        placed = self.capture_fds(call)
+        if placed:
+            self._send(call, *placed)
         if not self._send(call, protocol.run_message(job.env, job.stdin == "none")):
             self._caller_gone(call)
 

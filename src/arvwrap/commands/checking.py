@@ -25,6 +25,9 @@ def check(options, command):
     if rule and path:
         for line in backends.process_state(whitelist.choose_backend(rule, backend, env)):
             print(f"process state: {line}")
+    if rule and path and options.get("reuse"):
+        from arvwrap.commands.caching import check_reuse
+        print("\n".join(check_reuse(rule, argv_b, path, env)))
     return 0
 
 
