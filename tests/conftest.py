@@ -17,13 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def native_programs():
-    """The real client and helper, (re)built from csrc/ when missing or stale (a source
-    checkout being edited); an installed pair is newer than its sources."""
+    """The real shim, client and helper, (re)built from csrc/ when missing or stale (a
+    source checkout being edited); an installed set is newer than its sources."""
     sys.path.insert(0, os.path.join(ROOT, "csrc"))
     import native
     newest = max(os.path.getmtime(s) for s in native.sources())
     if any(not os.path.exists(p) or os.path.getmtime(p) < newest
-           for p in (paths.CLIENT, paths.HELPER)):
+           for p in (paths.SHIM, paths.CLIENT, paths.HELPER)):
         native.build(paths.NATIVE)
     return paths.CLIENT, paths.HELPER
 
