@@ -30,6 +30,12 @@
  *    and env.c) and syscalls are made inline (csrc/sys.h).  Only cold paths
  *    (errno on failure, dlsym, strerrordesc_np) reach libc.
  *  - Only the hooks are exported (-fvisibility=hidden elsewhere).
+ *  - Bounded stack for any argv and envp: the shim's own arrays are capped
+ *    (ENV_MAX, ARGV_STACK_MAX; see intercept), an argv longer than
+ *    ARGV_STACK_MAX reaches the client in the environment form (redirect).  The
+ *    only arrays that grow with argc are the ones glibc's own call makes in the
+ *    same place, and they replace glibc's: the execl* hooks' argument array, and
+ *    the /bin/sh argv of a #!-less script (exec_script).
  *
  * Requirements and the tests that prove them (tests/test_shim.py):
  *  - each exec variant redirects with exact argv ........ test_redirect_exact_argv
@@ -53,6 +59,7 @@
  *  - malformed or missing rules/shim vars: pass through .. test_malformed_rules_pass_through,
  *                                                          test_no_rules_or_no_shim_var_passes_through
  *  - only the hooks exported ............................. test_exports_only_hooks
+ *  - bounded stack, huge argv (tests/test_stack.py) ...... test_huge_argv_*
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -79,6 +86,11 @@
 extern char **environ;
 
 #define ENV_MAX 4096            /* larger envps are passed on without repair (stack) */
+#define ENV_MAX_S "4096"
+#define ARGV_STACK_MAX 1024     /* longer argvs reach the client in the environment form */
+#define ARGV_STACK_MAX_S "1024"
+#define CALL_VAR "ARV_WRAP_CALL="   /* the environment form's entry (redirect) */
+#define CALL_VAR_LEN (sizeof CALL_VAR - 1)
 #define PRELOAD_MAX 4096        /* so is an LD_PRELOAD value longer than this */
 #define ARENA_SIZE 8192        /* larger values are used in place */
 
@@ -121,8 +133,8 @@ __attribute__((constructor)) static void arvwrap_init(void)
             continue;
         if (strcmp(*e, "ARV_WRAP_DISABLE=1") == 0)
             return;
-        if (g.env.nkeep == AW_MAX_KEEP)
-            continue;
+        if (g.env.nkeep == AW_MAX_KEEP || starts_with(*e, CALL_VAR))
+            continue;           /* (a client's own call is never passed on) */
         const char *kept = g.env.keep[g.env.nkeep++] = remember(*e);
         if (starts_with(kept, "ARV_WRAP_RULES="))
             g.rules = kept + strlen("ARV_WRAP_RULES=");
@@ -523,36 +535,57 @@ static int decide(const struct call *c, resolve_fn resolve, char *abs, size_t si
     return rule;
 }
 
-/* One line on stderr, with write() only (strerrordesc_np needs no locale). */
-static void warn_client(int err)
+/* One line on stderr, with write() only: "arv-wrap: <a><b>: <c>\n". */
+static void warn3(const char *a, const char *b, const char *c)
 {
-    char line[PATH_MAX + 128];
+    char line[2 * PATH_MAX + 128];
     size_t len = 0;
-    const char *desc = strerrordesc_np(err);
-    char num[16];
 
-    if (!desc)
-        desc = decimal(num, sizeof num, err);
-    append(line, sizeof line, &len, "arv-wrap: cannot run ", 21);
-    char client[PATH_MAX];
-    append(line, sizeof line, &len, client_path(client), g.dir_len + CLIENT_LEN);
+    append(line, sizeof line, &len, "arv-wrap: ", 10);
+    append(line, sizeof line, &len, a, strlen(a));
+    append(line, sizeof line, &len, b, strlen(b));
     append(line, sizeof line, &len, ": ", 2);
-    append(line, sizeof line, &len, desc, strlen(desc));
+    append(line, sizeof line, &len, c, strlen(c));
     append(line, sizeof line, &len, "\n", 1);
     RAW(SYS_write, 2, line, len, 0, 0);
 }
 
-/* Start the client for rule with [client, --shim, rule, abs, argv...]. */
-static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
-                    char *const envp[])
+/* The client could not be started (strerrordesc_np needs no locale). */
+static void warn_client(int err)
 {
-    char num[16];
-    size_t argc = 0;
+    const char *desc = strerrordesc_np(err);
+    char num[16], client[PATH_MAX];
 
-    while (c->argv[argc])
-        argc++;
+    if (!desc)
+        desc = decimal(num, sizeof num, err);
+    warn3("cannot run ", client_path(client), desc);
+}
+
+/* Start the client for rule with envp.  Up to ARGV_STACK_MAX arguments, in the
+ * argv form [client, --shim, rule, abs, argv...]; above that, in the environment
+ * form: the caller's argv as it is, and "ARV_WRAP_CALL=<rule>:<abs>" in front of
+ * envp, which is then a copy with a free slot before it (envp_slot0 + 1 == envp),
+ * so that the stack never holds a copy of a long argv. */
+static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
+                    char *const envp[], char **envp_slot0, size_t argc)
+{
+    char num[16], client[PATH_MAX];
+
+    if (argc > ARGV_STACK_MAX) {
+        if (!envp_slot0)
+            return E2BIG;           /* not reached: intercept falls back first */
+        char call[CALL_VAR_LEN + 16 + PATH_MAX];
+        size_t len = 0;
+        append(call, sizeof call, &len, CALL_VAR, CALL_VAR_LEN);
+        const char *d = decimal(num, sizeof num, rule);
+        append(call, sizeof call, &len, d, strlen(d));
+        append(call, sizeof call, &len, ":", 1);
+        if (append(call, sizeof call, &len, abs, strlen(abs)) < 0)
+            return ENAMETOOLONG;    /* not reached: abs < PATH_MAX */
+        envp_slot0[0] = call;
+        return launch(c, client_path(client), c->argv, envp_slot0);
+    }
     char *argv[argc + 5];
-    char client[PATH_MAX];
     argv[0] = client_path(client);
     argv[1] = (char *)"--shim";
     argv[2] = decimal(num, sizeof num, rule);
@@ -564,27 +597,39 @@ static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
 /* ------------------------------------------------------------------ */
 /* the core every hook funnels into                                     */
 
-/* The client could not be started (err): run the real call instead.  An exec
- * only comes back on failure, so warn first.  A spawn may have failed for the
- * caller's own file actions or attributes, which fail the tool alike: warn only
- * if the tool then starts, so such a call fails exactly as without arv-wrap. */
+/* The client could not be started (err, or 0 for "argv and envp too large to
+ * redirect within the stack bound"): run the real call instead.  An exec only
+ * comes back on failure, so warn first.  A spawn may have failed for the caller's
+ * own file actions or attributes, which fail the tool alike: warn only if the
+ * tool then starts, so such a call fails exactly as without arv-wrap. */
 static int fall_back(const struct call *c, real_fn real, char *const envp[], int err,
-                     int saved)
+                     int saved, const char *abs)
 {
-    if (!c->spawn) {
-        warn_client(err);
+    int ret = 0;
+    if (c->spawn) {
         errno = saved;
-        return real(c, envp);
+        ret = real(c, envp);
+        if (ret != 0)
+            return ret;
     }
-    errno = saved;
-    int ret = real(c, envp);
-    if (ret == 0)
+    if (err)
         warn_client(err);
-    return ret;
+    else
+        warn3(abs, "", "not redirected (more than " ARGV_STACK_MAX_S " arguments and "
+              ENV_MAX_S " environment entries): running it here");
+    if (c->spawn)
+        return ret;
+    errno = saved;
+    return real(c, envp);
 }
 
 /* errno is read only on the way to a redirect: up to there nothing changes it
- * (raw syscalls only), so a pass-through sees the caller's errno as is. */
+ * (raw syscalls only), so a pass-through sees the caller's errno as is.
+ *
+ * Stack: bounded whatever the size of argv and envp (the hook may run in a vfork
+ * child on the caller's stack): the envp copy holds at most ENV_MAX + AW_MAX_KEEP + 3
+ * pointers and the client's argv at most ARGV_STACK_MAX + 5, the rest is a few
+ * PATH_MAX buffers: under 64 KiB in all (test_huge_argv_small_stack_*). */
 static int intercept(const struct call *c, real_fn real, resolve_fn resolve, launch_fn launch)
 {
     struct aw_envscan s;
@@ -595,27 +640,34 @@ static int intercept(const struct call *c, real_fn real, resolve_fn resolve, lau
     if (s.disabled)
         return real(c, c->envp);
 
+    size_t argc = 0;
+    while (c->argv[argc])
+        argc++;
     size_t pre_len = aw_preload_size(&g.env, &s);
-    int repair = (pre_len || s.missing) && s.n <= ENV_MAX && pre_len <= PRELOAD_MAX;
-    char *env_buf[repair ? aw_repaired_slots(&g.env, &s) : 1];
-    char pre_buf[repair && pre_len ? pre_len : 1];
+    int repair = (pre_len || s.missing) && pre_len <= PRELOAD_MAX;
+    /* a copy of envp, with a free slot in front for the environment form */
+    int copy = (repair || argc > ARGV_STACK_MAX) && s.n <= ENV_MAX;
+    char *env_buf[copy ? aw_repaired_slots(&g.env, &s) + 1 : 2];
+    char pre_buf[copy && repair && pre_len ? pre_len : 1];
     char *const *envp = c->envp;
-    if (repair) {
-        if (pre_len)
+    if (copy) {
+        if (repair && pre_len)
             aw_make_preload(&g.env, &s, pre_buf, pre_len);
-        envp = aw_repair_env(&g.env, c->envp, &s, env_buf, pre_buf, pre_len);
+        envp = aw_repair_env(&g.env, c->envp, &s, env_buf + 1, pre_buf,
+                             repair ? pre_len : 0);
     }
 
     char abs[PATH_MAX];
     int rule = decide(c, resolve, abs, sizeof abs);
-    if (rule >= 0) {
-        int saved = errno;      /* the real posix_spawn may change it */
-        int err = redirect(c, launch, rule, abs, envp);
-        if (err == 0)
-            return 0;           /* spawned (an exec does not come back) */
-        return fall_back(c, real, envp, err, saved);
-    }
-    return real(c, envp);
+    if (rule < 0)
+        return real(c, envp);
+    int saved = errno;          /* the real posix_spawn may change it */
+    if (argc > ARGV_STACK_MAX && !copy)
+        return fall_back(c, real, envp, 0, saved, abs);
+    int err = redirect(c, launch, rule, abs, envp, copy ? env_buf : NULL, argc);
+    if (err == 0)
+        return 0;               /* spawned (an exec does not come back) */
+    return fall_back(c, real, envp, err, saved, abs);
 }
 
 /* ------------------------------------------------------------------ */
