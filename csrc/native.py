@@ -93,6 +93,11 @@ def sanitized_flags(out_dir):
       __ubsan_default_options), because the programs the shim is loaded into may
       run with an environment rebuilt from scratch (env -i): halt on the first
       error, and log to OUT_DIR/san.<pid>, which the test reads afterwards;
+    - libubsan ignores log_path beside libasan: its reports reach the log through
+      its monitor hook (__ubsan_on_report, sanitize_opts.c);
+    - a hook that ran in a vfork child leaves ASan's stack poison in the parent's
+      stack: the hooks are not instrumented and unpoison the stack below them
+      first (shim.c, HOOK_ENTRY);
     - leak checking is off: the client's buffers live until it exits or execs by
       design.
     """

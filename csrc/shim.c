@@ -81,7 +81,25 @@
 #include "match.h"
 #include "sys.h"
 
+#ifndef __SANITIZE_ADDRESS__
 #define EXPORT __attribute__((visibility("default")))
+#define HOOK_ENTRY() ((void)0)
+#else
+/* The sanitized build (csrc/native.py --sanitize): a hook that ran in a vfork
+ * child left ASan's poison for its stack frames in the shadow of the parent's
+ * stack (the child execs without returning through them), so a later call in
+ * the parent would see false stack overflows.  The hooks themselves are not
+ * instrumented, and each first unpoisons the stack below its frame, where every
+ * instrumented frame of the shim will be (its stack use is bounded, see intercept). */
+#include <sanitizer/asan_interface.h>
+#define EXPORT __attribute__((visibility("default"), no_sanitize_address))
+#define HOOK_ENTRY() clean_stack_below(__builtin_frame_address(0))
+#define STACK_CLEAN (512 * 1024)
+__attribute__((no_sanitize_address, noinline)) static void clean_stack_below(char *frame)
+{
+    __asan_unpoison_memory_region(frame - STACK_CLEAN, STACK_CLEAN);
+}
+#endif
 
 extern char **environ;
 
@@ -682,21 +700,25 @@ static int run(const char *file, char *const argv[], char *const envp[], int sea
 
 EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     return run(path, argv, envp, 0);
 }
 
 EXPORT int execv(const char *path, char *const argv[])
 {
+    HOOK_ENTRY();
     return run(path, argv, environ, 0);
 }
 
 EXPORT int execvp(const char *file, char *const argv[])
 {
+    HOOK_ENTRY();
     return run(file, argv, environ, 1);
 }
 
 EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     return run(file, argv, envp, 1);
 }
 
@@ -744,21 +766,25 @@ static void collect_args(char **argv, ptrdiff_t argc, const char *arg, va_list *
 
 EXPORT int execl(const char *path, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(path, arg, 0, 0);
 }
 
 EXPORT int execlp(const char *file, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(file, arg, 1, 0);
 }
 
 EXPORT int execle(const char *path, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(path, arg, 0, 1);
 }
 
 EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = "", .argv = argv, .envp = envp, .dirfd = fd };
     return intercept(&c, real_fexecve, resolve_fd, launch_exec);
 }
@@ -766,6 +792,7 @@ EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[],
                     int flags)
 {
+    HOOK_ENTRY();
     struct call c = { .file = path, .argv = argv, .envp = envp, .dirfd = dirfd,
                       .flags = flags };
     return intercept(&c, real_execveat, resolve_at, launch_exec);
@@ -774,6 +801,7 @@ EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const
 EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
                        const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = path, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
                       .actions = actions, .attr = attr };
     return intercept(&c, real_spawn, resolve_path, launch_spawn);
@@ -782,6 +810,7 @@ EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_acti
 EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *actions,
                         const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = file, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
                       .actions = actions, .attr = attr };
     return intercept(&c, real_spawnp, resolve_search, launch_spawn);

@@ -15,10 +15,22 @@ ON_CI = os.environ.get("CI") == "true"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# tests/test_sanitized.py runs the exec-path and client tests again with this set to
+# a directory of sanitized native programs (csrc/native.py --sanitize).
+SANITIZED = os.environ.get("ARVWRAP_TEST_NATIVE")
+if SANITIZED:
+    paths.NATIVE = SANITIZED
+    paths.SHIM = os.path.join(SANITIZED, "libarvwrap.so")
+    paths.CLIENT = os.path.join(SANITIZED, "arv-wrap-client")
+    paths.HELPER = os.path.join(SANITIZED, "arv-wrap-helper")
+
+
 @pytest.fixture(scope="session")
 def native_programs():
     """The real shim, client and helper, (re)built from csrc/ when missing or stale (a
     source checkout being edited); an installed set is newer than its sources."""
+    if SANITIZED:
+        return paths.CLIENT, paths.HELPER
     sys.path.insert(0, os.path.join(ROOT, "csrc"))
     import native
     newest = max(os.path.getmtime(s) for s in native.sources())
