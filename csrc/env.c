@@ -24,7 +24,7 @@ void aw_scan_env(const struct aw_envcfg *cfg, char *const *envp, struct aw_envsc
     s->has_shim = 0;
     s->missing = cfg->nkeep ? (uint32_t)((1ull << cfg->nkeep) - 1) : 0;
     for (char *const *e = envp; *e; e++, s->n++) {
-        if (!s->preload && starts_with(*e, "LD_PRELOAD=")) {
+        if (starts_with(*e, "LD_PRELOAD=")) {     /* ld.so reads the last one */
             s->preload = e;
             s->has_shim = lists_shim(cfg, *e + 11);
         }
