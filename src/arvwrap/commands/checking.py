@@ -2,7 +2,7 @@
 import os
 import shutil
 
-from arvwrap import backends, paths, whitelist
+from arvwrap import backends, elf, paths, whitelist
 from arvwrap.activation import UsageError, load_rules
 
 
@@ -25,6 +25,9 @@ def check(options, command):
     if rule and path:
         for line in backends.process_state(whitelist.choose_backend(rule, backend, env)):
             print(f"process state: {line}")
+    if resolved:
+        for line in elf.not_intercepted(os.path.abspath(resolved)):
+            print(f"not intercepted: {line}")
     return 0
 
 
@@ -47,9 +50,9 @@ def oversize_note(rule, argv, backend, env):
     return f"larger than the {name} backend offers ({', '.join(over)}): {action} (on_oversize)"
 
 
-def doctor(options, _words):
+def doctor(options, words):
     from arvwrap import doctor as checks
-    return checks.run(options)
+    return checks.run(options, words)
 
 
 def preload_path(_options, _words):
