@@ -16,16 +16,9 @@
 #include <string.h>
 
 #include "env.h"
+#include "fields.h"
 
 #define MAX_FIELDS 512
-
-static char *copy(const uint8_t *p, size_t n)
-{
-    char *s = malloc(n + 1);
-    memcpy(s, p, n);
-    s[n] = '\0';
-    return s;
-}
 
 static size_t name_len(const char *e)
 {
@@ -45,12 +38,7 @@ static int has_name(char *const *env, const char *entry)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *field[MAX_FIELDS];
-    size_t nf = 0, start = 0;
-    for (size_t i = 0; i <= size && nf < MAX_FIELDS; i++)
-        if (i == size || data[i] == '\0') {
-            field[nf++] = copy(data + start, i - start);
-            start = i + 1;
-        }
+    size_t nf = split_fields(data, size, field, MAX_FIELDS);
     struct aw_envcfg cfg = {.shim = field[0], .shim_len = strlen(field[0])};
     size_t f = 1;
     char *kept[AW_MAX_KEEP];
@@ -117,7 +105,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(out);
     free(pre);
     free(envp);
-    for (size_t i = 0; i < nf; i++)
-        free(field[i]);
+    free_fields(field, nf);
     return 0;
 }

@@ -16,26 +16,14 @@
 #include <string.h>
 
 #include "match.h"
+#include "fields.h"
 
 #define MAX_FIELDS 64
-
-static char *copy(const uint8_t *p, size_t n)
-{
-    char *s = malloc(n + 1);
-    memcpy(s, p, n);
-    s[n] = '\0';
-    return s;
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *field[MAX_FIELDS + 1] = {0};
-    size_t nf = 0, start = 0;
-    for (size_t i = 0; i <= size && nf < MAX_FIELDS; i++)
-        if (i == size || data[i] == '\0') {
-            field[nf++] = copy(data + start, i - start);
-            start = i + 1;
-        }
+    size_t nf = split_fields(data, size, field, MAX_FIELDS);
     const char *rules = field[0] ? field[0] : "";
     const char *name = nf > 1 ? field[1] : NULL;
     const char *path = nf > 2 ? field[2] : NULL;
@@ -75,7 +63,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (name && !strpbrk(name, "*?[\\") && aw_glob(name, name) != 1)
         abort();
 
-    for (size_t i = 0; i < nf; i++)
-        free(field[i]);
+    free_fields(field, nf);
     return 0;
 }

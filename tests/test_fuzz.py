@@ -32,8 +32,7 @@ def fuzz(command, target, tmp_path):
                                   f"-max_len={MAX_LEN.get(target, 4096)}",
                                   f"-artifact_prefix={tmp_path}/", str(corpus),
                                   os.path.join(FUZZ, "corpus", target)],
-                       capture_output=True, text=True, timeout=SECONDS + 120,
-                       env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+                       capture_output=True, text=True, timeout=SECONDS + 120)
     found = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "leak-",
                                                                       "timeout-", "oom-"))]
     assert r.returncode == 0 and not found, f"{target}: {found}\n{r.stderr[-6000:]}"
