@@ -12,6 +12,9 @@ packages+=(musl-tools)
 packages+=(bwa samtools bcftools openjdk-17-jdk-headless)
 # tests/test_report.py: the HTML report, loaded in real headless Chromium
 packages+=(chromium)
+# tests/test_fuzz.py: libFuzzer (clang's -fsanitize=fuzzer); tests/test_elf.py: a static
+# busybox and a Go toolchain for real uncatchable callers
+packages+=(clang libclang-rt-14-dev busybox-static golang-go)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -15,15 +15,27 @@ ON_CI = os.environ.get("CI") == "true"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# tests/test_sanitized.py runs the exec-path and client tests again with this set to
+# a directory of sanitized native programs (csrc/native.py --sanitize).
+SANITIZED = os.environ.get("ARVWRAP_TEST_NATIVE")
+if SANITIZED:
+    paths.NATIVE = SANITIZED
+    paths.SHIM = os.path.join(SANITIZED, "libarvwrap.so")
+    paths.CLIENT = os.path.join(SANITIZED, "arv-wrap-client")
+    paths.HELPER = os.path.join(SANITIZED, "arv-wrap-helper")
+
+
 @pytest.fixture(scope="session")
 def native_programs():
-    """The real client and helper, (re)built from csrc/ when missing or stale (a source
-    checkout being edited); an installed pair is newer than its sources."""
+    """The real shim, client and helper, (re)built from csrc/ when missing or stale (a
+    source checkout being edited); an installed set is newer than its sources."""
+    if SANITIZED:
+        return paths.CLIENT, paths.HELPER
     sys.path.insert(0, os.path.join(ROOT, "csrc"))
     import native
     newest = max(os.path.getmtime(s) for s in native.sources())
     if any(not os.path.exists(p) or os.path.getmtime(p) < newest
-           for p in (paths.CLIENT, paths.HELPER)):
+           for p in (paths.SHIM, paths.CLIENT, paths.HELPER)):
         native.build(paths.NATIVE)
     return paths.CLIENT, paths.HELPER
 

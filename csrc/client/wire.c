@@ -233,10 +233,12 @@ static int fill(struct reader *r)
         struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
                              .msg_control = &control, .msg_controllen = sizeof control};
         ssize_t n = recvmsg(r->fd, &msg, MSG_CMSG_CLOEXEC);
-        if (n < 0 && errno == EINTR)
-            continue;
         if (n > 0)
             keep_fds(r, &msg);
+        else if (n < 0 && errno == ENOTSOCK)    /* a file (the reply fuzzer's memfd) */
+            n = read(r->fd, iov.iov_base, iov.iov_len);
+        if (n < 0 && errno == EINTR)
+            continue;
         if (n < 0 && errno != ECONNRESET)
             fail("reading from the dispatcher: ", strerror(errno));
         if (n <= 0)

@@ -24,7 +24,7 @@ usage: arv-wrap [-w FILE]... [-b BACKEND] [--reuse|--no-reuse] [-v] [--] COMMAND
        arv-wrap report [RUN] -o FILE.html
        arv-wrap gc --older-than AGE
        arv-wrap cache ls|stats|clear|gc [--max-size SIZE]
-       arv-wrap doctor [-w FILE]... [-b BACKEND]
+       arv-wrap doctor [-w FILE]... [-b BACKEND] [-- COMMAND]
        arv-wrap preload-path
        arv-wrap --version
 
@@ -97,9 +97,10 @@ COMMANDS = {
     "report": Command(views.report, "report [RUN] -o FILE.html\n\nOne self-contained HTML "
                       "file: the run's tree, a timeline, what each tool used.",
                       ("-o", "--output"), "some"),
-    "doctor": Command(checking.doctor, "doctor [-w FILE]... [-b BACKEND]\n\nCheck that the "
-                      "shim loads and intercepts, and that the backend answers.",
-                      ("-w", "--whitelist", "-b", "--backend")),
+    "doctor": Command(checking.doctor, "doctor [-w FILE]... [-b BACKEND] [-- COMMAND]\n\n"
+                      "Check that the shim loads and intercepts, and that the backend "
+                      "answers;\nwith COMMAND, also whether the execs it makes can be "
+                      "intercepted.", ("-w", "--whitelist", "-b", "--backend"), "command"),
     "preload-path": Command(checking.preload_path, "preload-path\n\nPrint the absolute path "
                             "of the shim library."),
 }
