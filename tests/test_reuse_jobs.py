@@ -29,14 +29,25 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture
-def env(tools, base_env, whitelist_file, tmp_path, backend):
+def setup(tools, base_env, whitelist_file, tmp_path, backend):
     write_tool(tools, "upcase", TOOL)
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file(RULES)
     base_env["ARV_WRAP_BACKEND"] = backend
     base_env["RUNS"] = str(tmp_path / "runs")
     (tmp_path / "in.txt").write_text("hello\n")
     return base_env
+
+
+@pytest.fixture
+def env(tools, base_env, whitelist_file, tmp_path, backend):
+    """On each backend: the rules the key and the cache apply are the same on all."""
+    return setup(tools, base_env, whitelist_file, tmp_path, backend)
+
+
+@pytest.fixture
+def local_env(tools, base_env, whitelist_file, tmp_path):
+    """On the local backend only: what is decided before any backend is asked."""
+    return setup(tools, base_env, whitelist_file, tmp_path, "local")
 
 
 def call(env, tmp_path, *argv, reuse=True, stdin=subprocess.DEVNULL, **extra):
@@ -67,13 +78,13 @@ def test_a_rerun_reuses_the_outputs_streams_and_status_and_says_so(env, tmp_path
     assert f"reused_from     {ran['id']}" in shown
 
 
-@pytest.mark.parametrize("change, part", [
-    ("input", "inputs in.txt"), ("argv", "argv"), ("program", "program"), ("env", "env LANG"),
-])
+@pytest.mark.parametrize("backend, change, part", [
+    ("local", "input", "inputs in.txt"), ("local", "argv", "argv"),
+    ("local", "program", "program"), ("local", "env", "env LANG"),
+    ("slurm", "input", "inputs in.txt"),
+], indirect=["backend"])
 def test_what_can_change_the_result_reruns_and_the_record_says_what_differed(
-        env, tmp_path, tools, change, part, backend):
-    if backend == "slurm" and change != "input":
-        pytest.skip("one change is enough on Slurm: the key is made before any backend")
+        env, tmp_path, tools, change, part):
     assert call(env, tmp_path, "-o", "out.txt", "in.txt", LANG="C").returncode == 0
     extra, argv = {"LANG": "C"}, ["-o", "out.txt", "in.txt"]
     if change == "input":
@@ -89,11 +100,9 @@ def test_what_can_change_the_result_reruns_and_the_record_says_what_differed(
     assert part in job_records(env)[0]["reason"]
 
 
-def test_flags_and_variables_that_do_not_matter_are_reused(env, tmp_path, backend):
-    if backend == "slurm":
-        pytest.skip("the key is made before any backend: local says it")
-    call(env, tmp_path, "-t", "2", "-o", "out.txt", "in.txt", NOISE="a")
-    call(env, tmp_path, "-t", "8", "-o", "out.txt", "in.txt", NOISE="b", USER="other")
+def test_flags_and_variables_that_do_not_matter_are_reused(local_env, tmp_path):
+    call(local_env, tmp_path, "-t", "2", "-o", "out.txt", "in.txt", NOISE="a")
+    call(local_env, tmp_path, "-t", "8", "-o", "out.txt", "in.txt", NOISE="b", USER="other")
     assert runs(tmp_path) == 1
 
 
@@ -104,30 +113,27 @@ def test_a_failed_job_is_never_reused(env, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "changed"])
-def test_a_cached_output_that_is_missing_or_damaged_reruns(env, tmp_path, damage, backend):
-    if backend == "slurm":
-        pytest.skip("the cache is checked before any backend: local says it")
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
+def test_a_cached_output_that_is_missing_or_damaged_reruns(local_env, tmp_path, damage):
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
     blobs = [os.path.join(root, n) for root, _, names in
-             os.walk(os.path.join(env["ARV_WRAP_STATE_DIR"], "cache", "blobs")) for n in names]
+             os.walk(os.path.join(local_env["ARV_WRAP_STATE_DIR"], "cache", "blobs")) for n in names]
     target = next(b for b in blobs if open(b, "rb").read() == b"HELLO\n")
     if damage == "missing":
         os.unlink(target)
     else:
         with open(target, "wb") as f:
             f.write(b"HELLX\n")
-    again = call(env, tmp_path, "-o", "out.txt", "in.txt")
+    again = call(local_env, tmp_path, "-o", "out.txt", "in.txt")
     assert again.returncode == 0 and runs(tmp_path) == 2
     assert (tmp_path / "out.txt").read_text() == "HELLO\n"
-    assert "damaged" in job_records(env)[0]["reason"]
+    assert "damaged" in job_records(local_env)[0]["reason"]
 
 
-def test_a_piped_stdin_is_part_of_the_key(env, tmp_path, backend):
-    if backend == "slurm":
-        pytest.skip("spooling is done before any backend: local says it")
+def test_a_piped_stdin_is_part_of_the_key(local_env, tmp_path):
     def piped(data):
-        return arv_wrap("--reuse", "--", "sh", "-c", f"printf {data} | upcase -o out.txt /dev/stdin",
-                        env=env, cwd=tmp_path, capture_output=True)
+        return arv_wrap("--reuse", "--", "sh", "-c",
+                        f"printf {data} | upcase -o out.txt /dev/stdin",
+                        env=local_env, cwd=tmp_path, capture_output=True)
     assert piped("abc").returncode == 0 and (tmp_path / "out.txt").read_text() == "ABC"
     assert piped("abc").returncode == 0 and runs(tmp_path) == 1
     assert piped("abd").returncode == 0 and runs(tmp_path) == 2
@@ -153,36 +159,31 @@ def test_identical_calls_in_flight_run_once_and_share_the_result(env, tmp_path):
     assert sum(r["reused_from"] is not None for r in records) == 2
 
 
-def test_without_reuse_on_the_run_or_in_the_rule_nothing_is_reused(env, tmp_path,
-                                                                   whitelist_file, backend):
-    if backend == "slurm":
-        pytest.skip("decided before any backend: local says it")
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
-    call(env, tmp_path, "-o", "out.txt", "in.txt", reuse=False)
+def test_without_reuse_on_the_run_or_in_the_rule_nothing_is_reused(local_env, tmp_path,
+                                                                   whitelist_file):
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt", reuse=False)
     assert runs(tmp_path) == 2
-    env["ARV_WRAP_WHITELIST"] = whitelist_file("tools:\n  - name: upcase\n", "plain.yaml")
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
+    local_env["ARV_WRAP_WHITELIST"] = whitelist_file("tools:\n  - name: upcase\n", "plain.yaml")
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
     assert runs(tmp_path) == 3
 
 
-def test_a_job_that_changed_its_input_is_not_kept_and_says_why(env, tmp_path, tools, backend):
-    if backend == "slurm":
-        pytest.skip("decided in the dispatcher: local says it")
+def test_a_job_that_changed_its_input_is_not_kept_and_says_why(local_env, tmp_path, tools):
     write_tool(tools, "upcase", 'echo x >> "$RUNS"; echo more >> "$3"\n')
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
     assert runs(tmp_path) == 2
-    assert "not kept for reuse: it changed" in job_records(env)[0]["reason"]
+    assert "not kept for reuse: it changed" in job_records(local_env)[0]["reason"]
 
 
-def test_check_says_whether_a_call_would_be_reused_and_why_not(env, tmp_path, backend):
-    if backend == "slurm":
-        pytest.skip("check asks no backend")
-    check = lambda *argv: arv_wrap("check", "--reuse", "--", "upcase", *argv, env=env,
-                                   cwd=tmp_path, capture_output=True, text=True).stdout
+def test_check_says_whether_a_call_would_be_reused_and_why_not(local_env, tmp_path):
+    def check(*argv):
+        return arv_wrap("check", "--reuse", "--", "upcase", *argv, env=local_env,
+                        cwd=tmp_path, capture_output=True, text=True).stdout
     assert "reuse: no earlier job" in check("-o", "out.txt", "in.txt")
-    call(env, tmp_path, "-o", "out.txt", "in.txt")
-    job = job_records(env)[0]["id"]
+    call(local_env, tmp_path, "-o", "out.txt", "in.txt")
+    job = job_records(local_env)[0]["id"]
     assert f"reuse: yes, the result of job {job}" in check("-o", "out.txt", "in.txt")
     text = check("-o", "elsewhere.txt", "in.txt")
     assert f"the nearest kept job, {job}, differs in:" in text and "argv 2" in text

@@ -66,7 +66,7 @@ class Cache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, timeout=store.BUSY_TIMEOUT, check_same_thread=False,
                                    isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        store._retry(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=NORMAL")
         for statement in SCHEMA:
             store._retry(lambda: self._db.execute(statement))

@@ -81,6 +81,7 @@ class Call:
         self.recorded = False    # its record is written (or waits for the round's commit)
         self.unrecorded = False  # that commit failed: it ends, and never starts
         self.capture = None      # job reuse: its streams and outputs, kept as it runs
+        self.tool_status = None  # local: the wait status the client reported
 
 
 class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
@@ -477,7 +478,11 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         self.record_end(call.job, outcome, **fields)
         if outcome.state == "exited" and outcome.message:
             self._send(call, protocol.encode_line(f"warn {outcome.message}"))
-        self._finish(call, protocol.final_reply(outcome))
+        reply = protocol.final_reply(outcome)
+        if reply == protocol.status_reply(call.tool_status):
+            self._close(call)       # the client ends as its tool did: one message less
+        else:
+            self._finish(call, reply)
 
     def record_end(self, job, outcome, **fields):
         """The job's final record fields; a state dir that cannot take them costs the

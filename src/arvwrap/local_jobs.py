@@ -109,6 +109,7 @@ class LocalJobs:
         if call.state not in ("starting", "running"):
             return
         self._release(call)
+        call.tool_status = done.status
         status = os.waitstatus_to_exitcode(done.status)
         outcome = local.outcome_of(status, call.job, call.why_killed)
         self.cancel_timer(call.pid_timer)

@@ -390,6 +390,16 @@ def run_message(env: Dict[bytes, bytes], stdin_none: bool = False) -> bytes:
     return b"run %d%s\n" % (len(block), flags) + block
 
 
+def status_reply(status) -> Optional[str]:
+    """The final reply a wait status implies: what a client that reported it does on
+    its own when the connection closes after "done" (None for no status)."""
+    if status is None:
+        return None
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else None
+
+
 def final_reply(outcome) -> str:
     """The last line for the client, from a jobspec.Outcome."""
     if outcome.run_locally:

@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,7 +30,7 @@ WORKERS = 4
 
 @dataclass
 class Capture:
-    plan: reuse.Plan
+    plan: Optional[reuse.Plan]                     # None: not keyed, only its stdin spooled
     spooled: Optional[str]                         # the spooled stdin, if any
     callers: dict = field(default_factory=dict)    # 1, 2 -> dup of the caller's descriptor
     tees: dict = field(default_factory=dict)       # 1, 2 -> streams.Tee
@@ -68,13 +69,18 @@ class ReuseJobs:
         self.workers.submit(guarded)
 
     def _reuse_failed(self, call, error):
-        if call.conn is not None:
+        if call.conn is not None and (call.recorded or self._record(call)):
             self._end(call, Outcome("failed", reason=f"job reuse: {error}",
                                     message=f"job reuse failed: {error}"))
 
     # -- keying --
     def _start_keying(self, call):
         call.state = "keying"
+        try:
+            self.cache              # opened here, once, not by racing workers
+        except (OSError, sqlite3.Error) as e:
+            self._reuse_failed(call, f"cannot open the cache: {e}")
+            return
         self._in_worker(self._key, call)
 
     def _key(self, call):
@@ -93,14 +99,14 @@ class ReuseJobs:
             plan = reuse.plan(job.rule.reuse, job.path, job.argv, job.cwd, job.env,
                               self.cache.digests, stdin,
                               job.rule.image if job.backend == "docker" else None)
-        except (OSError, ValueError) as e:
+            entry = self.cache.get(plan.key)
+            if entry is not None and not self._intact(entry):
+                entry, why = None, f"not reused: the cached result of job {entry.job} is damaged"
+            else:
+                why = None if entry else self._why_missed(job, plan)
+        except (OSError, ValueError, sqlite3.Error) as e:   # it runs, unkept
             self.post(lambda: self._keyed(call, None, None, spooled, f"not reusable: {e}"))
             return
-        entry = self.cache.get(plan.key)
-        if entry is not None and not self._intact(entry):
-            entry, why = None, f"not reused: the cached result of job {entry.job} is damaged"
-        else:
-            why = None if entry else self._why_missed(job, plan)
         self.post(lambda: self._keyed(call, plan, entry, spooled, why))
 
     def _intact(self, entry):
@@ -138,6 +144,8 @@ class ReuseJobs:
             for n in (1, 2):
                 if n in job.fds:
                     call.capture.callers[n] = os.dup(job.fds[n])
+        elif spooled:              # not keyed, but its stdin was read: it gets the spool
+            call.capture = Capture(None, spooled)
         self._dispatch(call)
 
     def _wait_for_same(self, call, key):
@@ -182,7 +190,7 @@ class ReuseJobs:
         if capture.spooled:
             fds.append(os.open(capture.spooled, os.O_RDONLY | os.O_CLOEXEC))
             targets.append(0)
-        for n in (1, 2):
+        for n in (1, 2) if capture.plan else ():
             fds.append(self._tee(capture, n))
             targets.append(n)
         return f"fds {' '.join(map(str, targets))}\n".encode(), fds
@@ -195,7 +203,7 @@ class ReuseJobs:
         if capture.spooled:
             _close(job.fds.get(0))
             job.fds[0] = os.open(capture.spooled, os.O_RDONLY | os.O_CLOEXEC)
-        for n in (1, 2):
+        for n in (1, 2) if capture.plan else ():
             write_end = self._tee(capture, n)
             _close(job.fds.get(n))
             job.fds[n] = write_end
@@ -214,8 +222,9 @@ class ReuseJobs:
         capture = call.capture
         capture.saving = True
         for fd in capture.write_ends:      # a remote job's: the backend is done with them
-            _close(fd)
-        for fd in call.job.fds.pop(1, None), call.job.fds.pop(2, None):
+            for n, held in list(call.job.fds.items()):
+                if held == fd:
+                    del call.job.fds[n]        # closed once, here, not again by the job
             _close(fd)
         self._in_worker(self._keep, call, capture, outcome, fields)
 
@@ -224,7 +233,7 @@ class ReuseJobs:
         for tee in capture.tees.values():
             tee.join(TEE_GRACE)
         note = None
-        if outcome.state == "exited" and outcome.exit_status == 0:
+        if capture.plan and outcome.state == "exited" and outcome.exit_status == 0:
             try:
                 self._keep_entry(call.job, capture)
             except (OSError, reuse.NotReusable) as e:
@@ -256,8 +265,9 @@ class ReuseJobs:
     def _kept(self, call, capture, outcome, fields, note):
         if note:
             call.job.notes.append(note)
-        waiting = self.running_keys.pop(capture.plan.key, [])
-        self.key_runners.pop(capture.plan.key, None)
+        key = capture.plan.key if capture.plan else None
+        waiting = self.running_keys.pop(key, [])
+        self.key_runners.pop(key, None)
         self._end(call, outcome, **fields)
         for other in waiting:                    # now a hit, or their turn to run
             if other.conn is not None:
