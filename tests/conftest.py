@@ -191,3 +191,21 @@ def slurm_cluster():
         if ON_CI:
             pytest.fail(f"the Slurm cluster is not up: {proc.stdout}{proc.stderr}")
         pytest.skip("the Slurm cluster is not up and we are not root to start it")
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A dockerd with the test image (scripts/docker-engine.sh, started when root)."""
+    need("dockerd")
+    if os.geteuid() == 0:
+        proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "docker-engine.sh")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        import docker
+        docker.APIClient(version="auto", **docker.utils.kwargs_from_env()).inspect_image(
+            "arvwrap-test-busybox:1")
+    except Exception as e:
+        if ON_CI:
+            pytest.fail(f"the docker engine or its test image is not there: {e}")
+        pytest.skip(f"the docker engine or its test image is not there: {e}")

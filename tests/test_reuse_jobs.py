@@ -26,12 +26,15 @@ def backend(request):
     if request.param == "slurm":
         request.getfixturevalue("slurm_cluster")
         request.getfixturevalue("client")          # the relay on the node
+    if request.param == "docker":
+        request.getfixturevalue("docker_engine")
     return request.param
 
 
 def setup(tools, base_env, whitelist_file, tmp_path, backend):
-    write_tool(tools, "upcase", TOOL)
-    base_env["ARV_WRAP_WHITELIST"] = whitelist_file(RULES)
+    base_env["UPCASE"] = write_tool(tools, "upcase", TOOL)   # by path: docker mounts it
+    rules = RULES + ("    image: arvwrap-test-busybox:1\n" if backend == "docker" else "")
+    base_env["ARV_WRAP_WHITELIST"] = whitelist_file(rules)
     base_env["ARV_WRAP_BACKEND"] = backend
     base_env["RUNS"] = str(tmp_path / "runs")
     (tmp_path / "in.txt").write_text("hello\n")
@@ -52,7 +55,7 @@ def local_env(tools, base_env, whitelist_file, tmp_path):
 
 def call(env, tmp_path, *argv, reuse=True, stdin=subprocess.DEVNULL, **extra):
     flags = ["--reuse"] if reuse else []
-    return arv_wrap(*flags, "--", "upcase", *argv, env={**env, **extra}, cwd=tmp_path,
+    return arv_wrap(*flags, "--", env["UPCASE"], *argv, env={**env, **extra}, cwd=tmp_path,
                     stdin=stdin, capture_output=True)
 
 
@@ -61,6 +64,7 @@ def runs(tmp_path):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.parametrize("backend", ["local", "slurm", "docker"], indirect=True)
 def test_a_rerun_reuses_the_outputs_streams_and_status_and_says_so(env, tmp_path):
     first = call(env, tmp_path, "-o", "out.txt", "in.txt")
     assert first.returncode == 0 and runs(tmp_path) == 1
@@ -179,7 +183,7 @@ def test_a_job_that_changed_its_input_is_not_kept_and_says_why(local_env, tmp_pa
 
 def test_check_says_whether_a_call_would_be_reused_and_why_not(local_env, tmp_path):
     def check(*argv):
-        return arv_wrap("check", "--reuse", "--", "upcase", *argv, env=local_env,
+        return arv_wrap("check", "--reuse", "--", local_env["UPCASE"], *argv, env=local_env,
                         cwd=tmp_path, capture_output=True, text=True).stdout
     assert "reuse: no earlier job" in check("-o", "out.txt", "in.txt")
     call(local_env, tmp_path, "-o", "out.txt", "in.txt")
