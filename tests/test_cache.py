@@ -108,3 +108,13 @@ def test_differences_name_the_part_that_changed():
     new = {"argv": ["t", "b"], "inputs": {"x": "2"}, "env": {"A": "1", "B": "2"}, "cwd": "/a"}
     assert cache_mod.differences(old, new) == [
         ("argv", "1: 'a' -> 'b'"), ("env", "B"), ("inputs", "x")]
+
+
+def test_gc_removes_what_a_dead_dispatcher_left_in_tmp_but_not_what_is_in_use(tmp_path):
+    kept = cache_mod.Cache(str(tmp_path / "state"))
+    stale, fresh = kept.new_tmp("fd1"), kept.new_tmp("fd2")
+    for path in (stale, fresh):
+        open(path, "w").close()
+    os.utime(stale, (1, 1))
+    kept.gc(1 << 30)
+    assert not os.path.exists(stale) and os.path.exists(fresh)

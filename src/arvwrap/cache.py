@@ -16,10 +16,12 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 
 from arvwrap import digests, paths, store
 
+TMP_AGE = 7 * 86400     # s: a file in tmp/ older than this belongs to nobody
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, job TEXT, tool TEXT,"
     " parts TEXT, status INTEGER, stdout TEXT, stderr TEXT, outputs TEXT, size INTEGER,"
@@ -187,7 +189,8 @@ class Cache:
         return len(evicted), total
 
     def _sweep(self):
-        """Remove the blobs no entry names, and leftovers in tmp/."""
+        """Remove the blobs no entry names, and what a dispatcher that died left in
+        tmp/ (anything older than TMP_AGE: a capture of a running job is younger)."""
         named = set()
         for entry in self.entries():
             named.update([entry.stdout, entry.stderr, *(o.digest for o in entry.outputs)])
@@ -195,6 +198,11 @@ class Cache:
             for name in files:
                 if name not in named:
                     os.unlink(os.path.join(root, name))
+        old = time.time() - TMP_AGE
+        for name in os.listdir(self.tmp):
+            path = os.path.join(self.tmp, name)
+            if os.lstat(path).st_mtime < old:
+                os.unlink(path)
 
 
 def differences(old, new):
