@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from arvwrap import backends, paths, protocol, runs, store, whitelist
+from arvwrap import backends, paths, protocol, redact, runs, store, whitelist
 from arvwrap.backends import local
 from arvwrap.jobspec import Job, final_fields, job_environment
 from arvwrap.local_jobs import LocalJobs
@@ -43,6 +43,19 @@ STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs t
 REQUEST_TIMEOUT = 30.0  # s a connection may take to send its whole request
 TICK = 1.0              # s between idle and stale-request checks
 RUNS_CHECK = 5.0        # s between checks for `arv-wrap env` runs whose shell is gone
+# the dispatcher's log never shows a secret value of a call it served (nor NAME=VALUE
+# of a secret NAME): every job's secrets join this one
+LOG_REDACTOR = redact.Redactor(redact.patterns_from())
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record):
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = record.exc_text = None
+        record.msg, record.args = LOG_REDACTOR.text(text), ()
+        return True
 
 
 class RuleCache:
@@ -102,6 +115,7 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.backend_lock = threading.Lock()
         self.recheck_due = False
         self.next_runs_check = 0.0
+        self.log_redactor = LOG_REDACTOR
 
     # -- the loop --
     def serve(self, listener):
@@ -332,6 +346,8 @@ class Dispatcher(LocalJobs, RemoteJobs):
         False, after telling the caller, when the state dir cannot take it."""
         job = call.job
         try:
+            if "reason" in fields:
+                fields["reason"] = job.redactor.text(fields["reason"])
             if call.recorded:
                 self.store.update(job.id, **fields)
             else:
@@ -358,6 +374,7 @@ class Dispatcher(LocalJobs, RemoteJobs):
         if rule is None:
             return None, None
         cpus, memory, time_limit, notes = whitelist.resources(rule, request.argv)
+        secrets = self.redactor(env, rules, request.argv)
         job_id = store.new_id()
         run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
         parent = os.fsdecode(env.get(b"ARV_WRAP_JOB", b"")) or run
@@ -370,9 +387,19 @@ class Dispatcher(LocalJobs, RemoteJobs):
                   cwd_fd=request.cwd_fd, cpus=cpus, memory=memory, time_limit=time_limit,
                   stdin=rule.stdin, nested=rule.nested, backend=backend,
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
-                  rule=rule, slurm=rule.slurm or {}, notes=list(notes))
+                  rule=rule, slurm=rule.slurm or {}, notes=list(notes), redactor=secrets)
         job.client_pid = request.pid
         return job, None
+
+    def redactor(self, env, rules, argv):
+        """What the records and the log must not show of this call's secrets: the
+        values of its secret variables (names as the whitelists' `redact:` and the
+        caller's ARV_WRAP_REDACT add to the defaults)."""
+        secrets = redact.Redactor(redact.patterns_from(env, rules.redact if rules else ()), env)
+        secrets.argv(argv)                   # and those its argv gives (--password=...)
+        if len(self.log_redactor.values) < 10000:
+            self.log_redactor.values |= secrets.values
+        return secrets
 
     def driver_job(self, request, env):
         """`arv-wrap --as-job`: the command itself is the job, a pipeline whose tools
@@ -389,7 +416,7 @@ class Dispatcher(LocalJobs, RemoteJobs):
                   ignored_signals=request.ignored_signals,
                   blocked_signals=request.blocked_signals, fds=request.fds,
                   cwd_fd=request.cwd_fd, cpus=cpus, stdin="auto", nested=True,
-                  backend=backend)
+                  backend=backend, redactor=self.redactor(env, None, request.argv))
         job.client_pid = request.pid
         return job
 
@@ -411,7 +438,8 @@ class Dispatcher(LocalJobs, RemoteJobs):
         record, not the caller's answer."""
         reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
         try:
-            self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
+            self.store.update(job.id,
+                              reason=job.redactor.text("; ".join(r for r in reasons if r) or None),
                               backend=job.backend, cpus=job.cpus, memory=job.memory,
                               **final_fields(outcome), **{**outcome.usage, **fields})
         except Exception as e:
@@ -513,6 +541,8 @@ def start(args):
         state = paths.private_dir(args.state_dir)
         logging.basicConfig(filename=os.path.join(state, "dispatcher.log"), level=logging.INFO,
                             format="%(asctime)s %(process)d %(levelname)s %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
         dispatcher = Dispatcher(args.socket, state)
     except (OSError, store.sqlite3.Error) as e:
         raise SystemExit(f"cannot use the state dir {args.state_dir}: "

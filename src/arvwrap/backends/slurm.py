@@ -47,6 +47,7 @@ ARV_WRAP_SLURM_MAX_JOBS in flight); one monitor thread makes at most one batched
 while there are jobs: it cancels (one ``scancel`` for all) jobs whose srun died,
 and ends an srun whose job Slurm no longer knows.
 """
+import logging
 import math
 import os
 import re
@@ -65,8 +66,10 @@ import time
 
 from arvwrap import paths
 from arvwrap.backends import BackendError
+from arvwrap.redact import StreamRedactor
 from arvwrap.jobspec import Outcome, on_oversize
 
+log = logging.getLogger("arvwrap.dispatcher")
 MIB = 1 << 20
 KILL_GRACE = 10.0        # s between SIGTERM and SIGKILL of an srun that must end
 STREAM_GRACE = 5.0       # s to wait for a stream's end after srun exited
@@ -239,7 +242,7 @@ class Relay:
                     self._handshake(key.fileobj, pending)
             now = time.monotonic()
             for conn in [c for c, deadline in pending.items() if deadline < now]:
-                self._drop(conn, pending)
+                self._drop(conn, pending, f"no token within {HANDSHAKE_TIMEOUT:g}s")
 
     def _accept(self, pending):
         while True:
@@ -262,7 +265,8 @@ class Relay:
             head = b""
         end = head.find(b"\n")
         if not head or (end < 0 and len(head) >= 128):
-            self._drop(conn, pending)
+            self._drop(conn, pending, "it sent no token line" if head
+                       else "it closed before sending a token")
             return
         if end < 0:
             return
@@ -270,14 +274,21 @@ class Relay:
         with self.lock:
             handler = self.waiting.pop(head[:end], None)
         if handler is None:
-            self._drop(conn, pending)
+            # never the bytes it sent in the log: they may be a real token, mistyped
+            self._drop(conn, pending, "its token is no running job's (or was used already)")
             return
         self.selector.unregister(conn)
         del pending[conn]
         conn.setblocking(True)
         handler(conn)
 
-    def _drop(self, conn, pending):
+    def _drop(self, conn, pending, why=None):
+        if why:
+            try:
+                peer = "%s:%s" % conn.getpeername()[:2]
+            except OSError:
+                peer = "a peer gone"
+            log.warning("slurm relay: refused a connection from %s: %s", peer, why)
         try:
             self.selector.unregister(conn)
         except (KeyError, ValueError):
@@ -321,9 +332,10 @@ class Stream:
     """Copies one relay connection to one of the caller's descriptors, in a thread,
     and to a Log if given one (its path)."""
 
-    def __init__(self, target_fd, log_path=None):
+    def __init__(self, target_fd, log_path=None, secrets=()):
         self.target = target_fd
         self.log_path = log_path
+        self.redactor = StreamRedactor(secrets)     # the kept copy never holds a secret
         self.done = threading.Event()
         self.connected = threading.Event()
         self.sock = None
@@ -351,7 +363,7 @@ class Stream:
                     break
                 if log is not None:
                     try:
-                        log.write(data)
+                        log.write(self.redactor.feed(data))
                     except OSError:
                         log.close()
                         log = None
@@ -365,6 +377,10 @@ class Stream:
                     break       # the caller's reader is gone: close, the tool gets EPIPE
         finally:
             if log is not None:
+                try:
+                    log.write(self.redactor.flush())
+                except OSError:
+                    pass
                 log.close()
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -826,6 +842,9 @@ class Backend:
         env[b"ARV_WRAP_SLURM_HOST"] = os.fsencode(relay.host)
         env[b"ARV_WRAP_SLURM_PORT"] = str(relay.port).encode()
         env[b"ARV_WRAP_SLURM_TOKEN"] = token
+        if os.environ.get("ARV_WRAP_SLURM_CONNECT_TIMEOUT"):    # the relay's (default 20 s)
+            env[b"ARV_WRAP_SLURM_CONNECT_TIMEOUT"] = os.fsencode(
+                os.environ["ARV_WRAP_SLURM_CONNECT_TIMEOUT"])
         for name in (b"PWD", b"SHLVL"):
             if name in job.env:
                 env[b"ARV_WRAP_SLURM_" + name] = b"=" + job.env[name]
@@ -969,7 +988,8 @@ class Live:
         self.token = secrets.token_hex(16).encode()
         self.streams = {1: Stream(job.fds.get(1)),
                         2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
-                                                               f"{job.id}.stderr"))}
+                                                               f"{job.id}.stderr"),
+                                  job.redactor.values)}
         self.gone_polls = 0
         self.lost = False            # the monitor found the job gone while srun lingers
         self.registered = False
