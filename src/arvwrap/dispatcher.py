@@ -42,6 +42,7 @@ log = logging.getLogger("arvwrap.dispatcher")
 STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
 REQUEST_TIMEOUT = 30.0  # s a connection may take to send its whole request
 TICK = 1.0              # s between idle and stale-request checks
+CLEANUP_GRACE = 600.0   # s an idle dispatcher stays for jobs a backend must still cancel
 RUNS_CHECK = 5.0        # s between checks for `arv-wrap env` runs whose shell is gone
 # the dispatcher's log never shows a secret value of a call it served (nor NAME=VALUE
 # of a secret NAME): every job's secrets join this one
@@ -199,12 +200,21 @@ class Dispatcher(LocalJobs, RemoteJobs):
                 runs.close_ended(self.store)
             except Exception:
                 log.exception("checking the runs of `arv-wrap env`")
+        idle = now - self.last_activity
         if (not self.leaving and self.stopping is None and not self.calls
-                and now - self.last_activity > self.idle_timeout):
+                and idle > self.idle_timeout
+                and (idle > self.idle_timeout + CLEANUP_GRACE or not self._cleaning())):
             log.info("idle for %gs: leaving", self.idle_timeout)
             self.leaving = True
             self._unlink()
         self.after(TICK, self._tick)
+
+    def _cleaning(self):
+        """A backend still has jobs to cancel on its scheduler (one whose controller
+        was away when they ended)."""
+        with self.backend_lock:
+            loaded = list(self.backends.values())
+        return any(getattr(b, "cleaning", lambda: False)() for b in loaded)
 
     def _unlink(self):
         """Remove the socket if it is still ours: new clients start a new dispatcher.
@@ -505,13 +515,31 @@ def is_dispatcher(pid):
 
 
 def close_orphans(dispatcher):
-    """Jobs a killed dispatcher held never got their end recorded: say so."""
+    """Jobs a killed dispatcher held never got their end recorded: say so; and have
+    their backends end what is left of them (a Slurm job whose srun died, a
+    container), in the background."""
+    abandoned = {}
     for job_id in dispatcher.store.orphans(is_dispatcher):
+        record = dispatcher.store.get(job_id)
+        if record and record["backend"] not in (None, "local"):
+            abandoned.setdefault(record["backend"], []).append(record)
         dispatcher.store.update(
             job_id, state="failed", ended=store.now(),
             reason="its dispatcher died while it held the job (a local job that was running "
                    "finished, and its caller got its own status, which was not recorded)")
         log.warning("job %s: its dispatcher died; recorded as failed", job_id)
+    for name, records in abandoned.items():
+        threading.Thread(target=end_abandoned, args=(dispatcher, name, records),
+                         daemon=True).start()
+
+
+def end_abandoned(dispatcher, name, records):
+    try:
+        backend = dispatcher.backend(name)
+        if hasattr(backend, "abandoned"):
+            backend.abandoned(records)
+    except Exception:
+        log.exception("cannot end the %s jobs of a dead dispatcher", name)
 
 
 def listen(sock_path):

@@ -228,6 +228,11 @@ class Backend:
             self.reaped = True
         self.reap()
 
+    def abandoned(self, _records):
+        """Jobs a killed dispatcher held: remove their containers (and any other a
+        dead dispatcher on this host left)."""
+        self.reap_once()
+
     def reap(self):
         """Remove the containers that a dead dispatcher on this host left behind."""
         for found in self.api.containers(all=True, filters={"label": LABEL_JOB}):

@@ -598,6 +598,7 @@ class Backend:
         self.live = {}             # slurm id -> Live, while its srun runs
         self.orphans = set()       # slurm ids to cancel (their srun is gone)
         self.orphan_names = set()  # job names to cancel (submissions we gave up on)
+        self.trouble_at = None     # when a Slurm command last found no controller
         self.monitor_wake = threading.Condition(self.lock)
         self.monitor = None
         self._nodes = None
@@ -903,9 +904,12 @@ class Backend:
             args.append(f"--name={name}")
         args += [str(i) for i in ids]
         try:
-            return self._run("scancel", args, timeout=self.timeout, counter="cancels")
+            done = self._run("scancel", args, timeout=self.timeout, counter="cancels")
         except (subprocess.TimeoutExpired, OSError):
-            return None
+            done = None
+        if done is None or RE_CONTROLLER.search(done.stderr):
+            self.trouble_at = time.monotonic()
+        return done
 
     # -- the monitor: one batched squeue per interval, only while jobs run --
     def register(self, live):
@@ -922,6 +926,28 @@ class Backend:
         """Cancel, in the background, any job of that name (an answer srun never gave us)."""
         with self.lock:
             self.orphan_names.add(name)
+            if self.monitor is None:
+                self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
+                                                daemon=True)
+                self.monitor.start()
+            self.monitor_wake.notify_all()
+
+    def cleaning(self):
+        """Jobs still to cancel (the controller was away when they had to be): the
+        dispatcher stays until they are, rather than forget them."""
+        with self.lock:
+            return bool(self.orphans or self.orphan_names)
+
+    def abandoned(self, records):
+        """Jobs a killed dispatcher held (their srun died with it, the job did not):
+        cancel them, retrying while the controller is away."""
+        with self.lock:
+            for record in records:
+                if record.get("backend_id"):
+                    self.orphans.add(str(record["backend_id"]))
+                else:
+                    argv0 = (record.get("argv") or ["?"])[0]
+                    self.orphan_names.add(job_name(os.path.basename(argv0), record["id"]))
             if self.monitor is None:
                 self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
                                                 daemon=True)
@@ -959,8 +985,9 @@ class Backend:
                 out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T"],
                                 timeout=self.timeout, counter="status_queries")
             except (subprocess.TimeoutExpired, OSError):
-                continue
-            if out.returncode != 0:
+                out = None
+            if out is None or out.returncode != 0:
+                self.trouble_at = time.monotonic()
                 continue
             known = {}
             for line in out.stdout.splitlines():
@@ -984,7 +1011,8 @@ class Live:
         self.stdin_fd = stdin_fd
         self.spool = spool
         self.attempt = Attempt()
-        self.name = "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", job.tool)[:64] + ":" + job.id
+        self.name = job_name(job.tool, job.id)
+        self.began = time.monotonic()
         self.token = secrets.token_hex(16).encode()
         self.streams = {1: Stream(job.fds.get(1)),
                         2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
@@ -1028,6 +1056,7 @@ class Live:
         signalled_pending = []     # signals that arrived before the job was allocated
         cancel_sent = False
         term_at = kill_at = None
+        grace = KILL_GRACE         # between SIGTERM and SIGKILL of srun
         why = None                 # arv-wrap's reason for ending the job
         steered = False
         watch = Poller([err_r, job.wake_fd, pidfd])
@@ -1083,14 +1112,18 @@ class Live:
                 if why is not None and not cancel_sent:
                     if attempt.slurm_id:
                         cancel_sent = True
-                        b.scancel([attempt.slurm_id])
+                        done = b.scancel([attempt.slurm_id])
+                        if done is None or RE_CONTROLLER.search(done.stderr):
+                            # no controller to take it, and srun forwards signals through
+                            # it: end srun now; the job is cancelled once it answers
+                            term_at, grace = now, 1.0
                         term_at = term_at or now + KILL_GRACE
                     elif term_at is None:
                         _kill(pid, signal.SIGTERM)   # srun withdraws its request
                         term_at = now
                 if term_at is not None and now >= term_at and kill_at is None:
                     _kill(pid, signal.SIGTERM)
-                    kill_at = now + KILL_GRACE
+                    kill_at = now + grace
                 if kill_at is not None and now >= kill_at:
                     _kill(pid, signal.SIGKILL)
                     kill_at = float("inf")
@@ -1107,8 +1140,11 @@ class Live:
         clean = attempt.wait_status is not None
         if attempt.slurm_id and (not clean or why is not None):
             b.scancel([attempt.slurm_id])       # never leave a job whose srun is gone
+        # srun ended while the controller was away: it may never have heard of the
+        # end (the job would stay RUNNING there), so it is cancelled once it answers
+        doubtful = attempt.controller or (b.trouble_at or 0) >= self.began
         if self.registered:
-            b.unregister(self, orphan=attempt.slurm_id is not None and not clean)
+            b.unregister(self, orphan=attempt.slurm_id is not None and (not clean or doubtful))
         elif not attempt.slurm_id and why is not None:
             b.forget_by_name(self.name)         # a request srun may have left behind
         for stream in self.streams.values():
@@ -1192,6 +1228,10 @@ class Live:
                                 start_new_session=True)
         proc.returncode = 0      # we reap it ourselves; keep Popen's __del__ quiet
         return proc.pid
+
+
+def job_name(tool, job_id):
+    return "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", tool)[:64] + ":" + job_id
 
 
 def controller_address(config):
