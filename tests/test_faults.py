@@ -124,8 +124,10 @@ def daemon_pid(name):
 @contextmanager
 def killed(name, signum=signal.SIGKILL):
     """Kill a Slurm daemon; start it again (and wait until the node is usable) on
-    leaving, whatever happened. (A slurmctld killed with SIGKILL forgets what it had not
-    saved yet, the newest jobs too; with SIGTERM it saves its state first.)"""
+    leaving, whatever happened. slurmctld gets SIGTERM: one killed with SIGKILL forgets
+    what it had not saved yet and gives the ids of the newest jobs again, which on a
+    cluster shared with other test runs leaves their jobs behind as ghosts (to arv-wrap,
+    either is a controller that does not answer)."""
     pid = daemon_pid(name)
     assert pid, f"{name} is not running"
     os.kill(pid, signum)
@@ -143,19 +145,23 @@ def killed(name, signum=signal.SIGKILL):
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def seconds(iso):
+    import datetime
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
 def running_record(env):
     return until(lambda: [r for r in job_records(env) if r["state"] == "running"], 20,
                  "the job to run")[0]
 
 
-def test_a_job_outlives_slurmctld_killed_and_started_again(slurm_env, tmp_path):
+def test_a_job_outlives_slurmctld_stopped_and_started_again(slurm_env, tmp_path):
     go = tmp_path / "go"
     proc = start(slurm_env, "hold", str(go))
     assert proc.stdout.readline() == b"started\n"
     record = running_record(slurm_env)
-    with killed("slurmctld"):
-        time.sleep(1)                     # the job runs on while the controller is away
-        assert tool_running(go)
+    with killed("slurmctld", signal.SIGTERM):
+        assert tool_running(go)           # the job runs on while the controller is away
     go.touch()
     status, out, err = finished(proc, 60)
     assert (status, out, err) == (7, b"done\n", b"")
@@ -228,8 +234,11 @@ def test_a_dispatcher_killed_under_a_slurm_job_leaves_no_job(slurm_env, tmp_path
     status, out, err = finished(proc, 30)
     assert (status, out) == (125, b"")
     assert arv_lines(err) == ["arv-wrap: lost the dispatcher"]
-    # the next dispatcher (started by the next call, on any backend) cancels it
-    assert arv_wrap("-b", "local", "--", "true", env=slurm_env).returncode == 0
+    # the next dispatcher (started by the next call, on any backend) records it failed
+    # (srun's own shepherd cancels the job if the controller takes it; else the next
+    # dispatcher does)
+    go.touch()
+    assert arv_wrap("-b", "local", "--", "hold", str(go), env=slurm_env).returncode == 7
     assert poll(lambda: not in_squeue(record["id"]), 15), in_squeue(record["id"])
     assert poll(lambda: not tool_running(go), 10), tool_running(go)
     final = [r for r in job_records(slurm_env) if r["id"] == record["id"]][0]
@@ -263,14 +272,13 @@ def test_a_relay_port_the_node_cannot_reach_is_one_line_in_bounded_time(slurm_en
     go.touch()
     assert finished(start(slurm_env, "hold", str(go)), 60)[0] == 7   # the relay listens
     with relay_port_blocked(slurm_env, how):
-        begin = time.monotonic()
-        status, out, err = finished(start(slurm_env, "hold", str(go)), 60)
-        elapsed = time.monotonic() - begin
-    assert (status, out) == (125, b"")
+        status, out, err = finished(start(slurm_env, "hold", str(go)), 120)
+    record = job_records(slurm_env)[0]
+    assert (status, out) == (125, b""), (status, out, err, record)
     [line] = arv_lines(err)
     assert "cannot connect to" in line, line
-    assert elapsed < 3 + 10, elapsed
-    record = job_records(slurm_env)[0]
+    # bounded from the job's start (it may first wait its turn on a shared cluster)
+    assert seconds(record["ended"]) - seconds(record["started"]) < 3 + 10, record
     assert record["state"] == "failed" and "cannot connect" in record["reason"]
     assert poll(lambda: not in_squeue(record["id"]), 10)
 

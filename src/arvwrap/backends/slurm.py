@@ -596,7 +596,7 @@ class Backend:
         self.lock = threading.Lock()
         self.relay = None
         self.live = {}             # slurm id -> Live, while its srun runs
-        self.orphans = set()       # slurm ids to cancel (their srun is gone)
+        self.orphans = {}          # slurm id -> job name, to cancel (their srun is gone)
         self.orphan_names = set()  # job names to cancel (submissions we gave up on)
         self.trouble_at = None     # when a Slurm command last found no controller
         self.monitor_wake = threading.Condition(self.lock)
@@ -943,11 +943,12 @@ class Backend:
         cancel them, retrying while the controller is away."""
         with self.lock:
             for record in records:
+                argv0 = (record.get("argv") or ["?"])[0]
+                name = job_name(os.path.basename(argv0), record["id"])
                 if record.get("backend_id"):
-                    self.orphans.add(str(record["backend_id"]))
+                    self.orphans[str(record["backend_id"])] = name
                 else:
-                    argv0 = (record.get("argv") or ["?"])[0]
-                    self.orphan_names.add(job_name(os.path.basename(argv0), record["id"]))
+                    self.orphan_names.add(name)
             if self.monitor is None:
                 self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
                                                 daemon=True)
@@ -959,7 +960,7 @@ class Backend:
             if self.live.get(live.attempt.slurm_id) is live:
                 del self.live[live.attempt.slurm_id]
             if orphan:
-                self.orphans.add(live.attempt.slurm_id)
+                self.orphans[live.attempt.slurm_id] = live.name
                 self.monitor_wake.notify_all()
 
     def _monitor(self):
@@ -971,7 +972,7 @@ class Backend:
                 # at most one round per interval, whatever wakes us
                 while time.monotonic() < last + self.poll:
                     self.monitor_wake.wait(last + self.poll - time.monotonic())
-                orphans = set(self.orphans)
+                orphans = dict(self.orphans)
                 names, self.orphan_names = self.orphan_names, set()
             last = time.monotonic()
             for name in names:
@@ -979,24 +980,28 @@ class Backend:
                 if done is None or done.returncode != 0:
                     with self.lock:
                         self.orphan_names.add(name)     # the controller is still away
-            if orphans:
-                self.scancel(sorted(orphans, key=int))
             try:
-                out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T"],
+                out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
                                 timeout=self.timeout, counter="status_queries")
             except (subprocess.TimeoutExpired, OSError):
                 out = None
             if out is None or out.returncode != 0:
                 self.trouble_at = time.monotonic()
                 continue
-            known = {}
+            known, names_of = {}, {}
             for line in out.stdout.splitlines():
-                fields = line.split()
-                if len(fields) == 2:
-                    known[fields[0]] = fields[1]
+                fields = line.split(None, 2)
+                if len(fields) == 3:
+                    known[fields[0]], names_of[fields[0]] = fields[1], fields[2]
+            # an orphan is cancelled only while squeue lists it under its own name: a
+            # controller that lost its state may have given its id to another job
+            ours = sorted((i for i, name in orphans.items() if names_of.get(i) == name), key=int)
+            if ours:
+                self.scancel(ours)
             with self.lock:
                 # cancelled ones stay until squeue no longer lists them
-                self.orphans = {i for i in self.orphans if i in known or i not in orphans}
+                self.orphans = {i: n for i, n in self.orphans.items()
+                                if i not in orphans or names_of.get(i) == n}
                 for slurm_id, live in list(self.live.items()):
                     live.seen(known.get(slurm_id))
 
@@ -1174,6 +1179,12 @@ class Live:
         if a.no_relay:
             text = (f"{label}: the node cannot run arv-wrap's relay ({a.no_relay}); "
                     f"it must be at the same path on the nodes (a shared filesystem)")
+            return Outcome("failed", reason=text, message=text)
+        if (a.relay_error and a.wait_status is not None and os.WIFEXITED(a.wait_status)
+                and os.WEXITSTATUS(a.wait_status) == 125):
+            # the relay could not start the tool (its streams cannot reach us): its 125
+            # is arv-wrap's failure, not the tool's status
+            text = f"{label}: {a.relay_error}"
             return Outcome("failed", reason=text, message=text)
         if a.wait_status is None:
             if a.refused or (not a.slurm_id and a.errors):
