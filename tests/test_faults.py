@@ -321,7 +321,7 @@ def test_a_dispatcher_killed_under_a_docker_job_leaves_no_container(docker_env, 
     status, out, err = finished(proc, 30)
     assert (status, out, arv_lines(err)) == (125, b"", ["arv-wrap: lost the dispatcher"])
     # the next dispatcher, whatever backend its first call uses, removes the container
-    assert arv_wrap("-b", "local", "--", "true", env=docker_env).returncode == 0
+    assert arv_wrap("-b", "local", "--", "sh", "-c", "true", env=docker_env).returncode == 0
     assert poll(lambda: not containers_of(api, record["id"]), 15), containers_of(api, record["id"])
     final = [r for r in job_records(docker_env) if r["id"] == record["id"]][0]
     assert final["state"] == "failed"
