@@ -170,23 +170,6 @@ def test_a_job_outlives_slurmctld_stopped_and_started_again(slurm_env, tmp_path)
     assert poll(lambda: not in_squeue(record["id"]), 10), in_squeue(record["id"])
 
 
-def test_a_job_that_ends_while_slurmctld_is_down_is_not_left_running(slurm_env, tmp_path):
-    """srun ends, and cannot tell the controller: the job would stay RUNNING there for
-    ever. It is cancelled once the controller answers again (slurmstepd then takes up
-    to a minute to report the step: COMPLETING until then)."""
-    go = tmp_path / "go"
-    proc = start(slurm_env, "hold", str(go))
-    assert proc.stdout.readline() == b"started\n"
-    record = running_record(slurm_env)
-    with killed("slurmctld", signal.SIGTERM):
-        go.touch()
-        status, out, err = finished(proc, 30)
-        assert (status, out, err) == (7, b"done\n", b"")
-    assert poll(lambda: all(" RUNNING " not in l for l in in_squeue(record["id"])), 15), \
-        in_squeue(record["id"])
-    assert not tool_running(go)
-
-
 def test_a_call_killed_while_slurmctld_is_down_leaves_no_job_once_it_is_back(slurm_env, tmp_path):
     """srun ends while the controller cannot take the cancel: the job is cancelled
     once the controller answers again."""
@@ -281,6 +264,24 @@ def test_a_relay_port_the_node_cannot_reach_is_one_line_in_bounded_time(slurm_en
     assert seconds(record["ended"]) - seconds(record["started"]) < 3 + 10, record
     assert record["state"] == "failed" and "cannot connect" in record["reason"]
     assert poll(lambda: not in_squeue(record["id"]), 10)
+
+
+def test_a_job_that_ends_while_slurmctld_is_down_is_not_left_running(slurm_env, tmp_path):
+    """srun ends, and cannot tell the controller: the job would stay RUNNING there for
+    ever. It is cancelled once the controller answers again (slurmstepd then takes up
+    to a minute to report the step: COMPLETING until then, so this test comes last of
+    the Slurm ones)."""
+    go = tmp_path / "go"
+    proc = start(slurm_env, "hold", str(go))
+    assert proc.stdout.readline() == b"started\n"
+    record = running_record(slurm_env)
+    with killed("slurmctld", signal.SIGTERM):
+        go.touch()
+        status, out, err = finished(proc, 30)
+        assert (status, out, err) == (7, b"done\n", b"")
+    assert poll(lambda: all(" RUNNING " not in l for l in in_squeue(record["id"])), 15), \
+        in_squeue(record["id"])
+    assert not tool_running(go)
 
 
 # -- Docker -----------------------------------------------------------------------
