@@ -357,3 +357,28 @@ def test_dockerd_stopped_under_a_job_and_before_one(docker_env, api):
         assert "docker" in line.lower(), line
         assert time.monotonic() - begin < 30
     assert poll(lambda: not containers_of(api, record["id"]), 15)
+
+
+# -- a backend that cannot load ------------------------------------------------------
+
+def test_a_backend_that_cannot_load_fails_the_call_instead_of_hanging_it():
+    """Stand-in dispatcher (RemoteJobs alone): a backend whose module raises anything
+    but BackendError when it loads used to kill the job's thread, leaving its caller
+    waiting for ever."""
+    from types import SimpleNamespace
+    from arvwrap.remote_jobs import RemoteJobs
+
+    class StandIn(RemoteJobs):
+        def backend(self, name):
+            raise RuntimeError("the module is broken")
+
+        def post(self, callback):
+            callback()
+
+        def _remote_done(self, call, outcome):
+            self.outcome = outcome
+
+    dispatcher = StandIn()
+    dispatcher._run_remote(SimpleNamespace(job=SimpleNamespace(backend="slurm", id="J")))
+    assert dispatcher.outcome.state == "failed"
+    assert dispatcher.outcome.message == "the slurm backend cannot start: the module is broken"

@@ -1022,7 +1022,7 @@ class Live:
         self.streams = {1: Stream(job.fds.get(1)),
                         2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
                                                                f"{job.id}.stderr"),
-                                  job.redactor.values)}
+                                  getattr(getattr(job, "redactor", None), "values", ()))}
         self.gone_polls = 0
         self.lost = False            # the monitor found the job gone while srun lingers
         self.registered = False
