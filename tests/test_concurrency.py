@@ -11,15 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from arvwrap import paths
-from conftest import arv_wrap, job_records, jobs, need, poll, until, write_tool
+from conftest import arv_wrap, job_records, jobs, write_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
 
 # emit N DIR COUNT: half of its payload, then (with COUNT) wait until COUNT calls have
 # started, then the rest
@@ -66,7 +61,8 @@ def check_outputs(expected, results, records, backend):
     assert len(records) == len(expected)
     assert len({r["id"] for r in records}) == len(expected)
     assert sorted(int(r["argv"][1]) for r in records) == sorted(expected)
-    assert {(r["backend"], r["state"], r["exit_status"]) for r in records} == {(backend, "exited", 0)}
+    assert {(r["backend"], r["state"], r["exit_status"]) for r in records} == \
+        {(backend, "exited", 0)}
 
 
 def test_200_concurrent_local_calls_lose_no_record_and_no_byte(tools, base_env, tmp_path,
@@ -86,18 +82,8 @@ def test_200_concurrent_local_calls_lose_no_record_and_no_byte(tools, base_env, 
     assert run["state"] == "exited" and run["exit_status"] == 0
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    need("srun")
-    if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True,
-                      timeout=60).returncode != 0:
-        proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_12_concurrent_slurm_calls_lose_no_record_and_no_byte(cluster, client, tools, base_env,
-                                                              tmp_path, whitelist_file):
+def test_12_concurrent_slurm_calls_lose_no_record_and_no_byte(slurm_cluster, client, tools,
+                                                              base_env, tmp_path, whitelist_file):
     write_tool(tools, "emit", EMIT)
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file("backend: slurm\ntools:\n  - name: emit\n")
     data, results = tmp_path / "data", tmp_path / "results"

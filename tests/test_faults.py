@@ -73,17 +73,9 @@ def cluster_cmd(cmd):
                           timeout=120)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    need("srun")
-    root_only()
-    if cluster_cmd("status").returncode != 0:
-        proc = cluster_cmd("up")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 @pytest.fixture
-def slurm_env(cluster, client, tools, base_env, whitelist_file):
+def slurm_env(slurm_cluster, client, tools, base_env, whitelist_file):
+    root_only()
     write_tool(tools, "hold", HOLD)
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file("backend: slurm\ntools:\n  - name: hold\n")
     base_env["ARV_WRAP_SLURM_TIMEOUT"] = "3"

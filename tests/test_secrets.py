@@ -16,13 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from arvwrap import paths, redact
-from conftest import arv_wrap, job_records, jobs, need, poll, until, write_tool
+from conftest import arv_wrap, job_records, slurm_relay, until, write_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
 
 ARGS = 'for a in "$@"; do printf "%s\\0" "$a"; done\n'   # the tool says what it got
 
@@ -118,7 +114,8 @@ def run_with_secrets(env, tools, tmp_path, extra_rules="", backend_rules=""):
                ARV_WRAP_WHITELIST=str(wl))
     argv = ["args", f"--password={password}", "--token", given, f"x{token}y", f"TOKEN={given}",
             f"{pin}", f"{mine}"]
-    result = arv_wrap("--", "bash", "-c", 'args "$@"; env "TOKEN=$3" complain "$1"', "-",
+    # (complain's stdin a pipe: on Slurm the spool dir is made too)
+    result = arv_wrap("--", "bash", "-c", 'args "$@"; echo in | env "TOKEN=$3" complain "$1"', "-",
                       *argv[1:], env=env, capture_output=True, stdin=subprocess.DEVNULL)
     # the tools got everything untouched, and the caller every byte they wrote
     assert result.stdout == ("\0".join(argv[1:]) + "\0" + argv[1] + "\0").encode()
@@ -139,18 +136,8 @@ def test_no_secret_reaches_the_state_dir_or_what_is_shown_local(tools, base_env,
     assert {"dispatcher.log", "jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm"} <= set(seen)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    need("srun")
-    if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True,
-                      timeout=60).returncode != 0:
-        proc = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_no_secret_reaches_the_state_dir_or_what_is_shown_slurm(cluster, client, tools,
-                                                                 base_env, tmp_path):
+def test_no_secret_reaches_the_state_dir_or_what_is_shown_slurm(slurm_cluster, client, tools,
+                                                               base_env, tmp_path):
     values, records = run_with_secrets(base_env, tools, tmp_path, backend_rules="backend: slurm\n")
     assert [r["backend"] for r in records] == ["slurm", "slurm"]
     log = Path(base_env["ARV_WRAP_STATE_DIR"], "logs", records[0]["id"] + ".stderr")
@@ -159,22 +146,10 @@ def test_no_secret_reaches_the_state_dir_or_what_is_shown_slurm(cluster, client,
     assert b"denied for ***" in b"".join(shown)             # show's tail of a failed job
     assert_nowhere(values, base_env["ARV_WRAP_STATE_DIR"], *shown)
     seen = assert_private(base_env["ARV_WRAP_STATE_DIR"])
-    assert "logs" in seen and any(s.startswith("logs/") for s in seen), seen
+    assert {"logs", "spool", f"logs/{records[0]['id']}.stderr"} <= set(seen), seen
 
 
 # -- the relay takes only its job's own connections --------------------------------
-
-def relay_env(job):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[1:2] == [b"--relay"] and f"SLURM_JOB_ID={job['backend_id']}".encode() in environ:
-            return dict(e.decode().partition("=")[::2] for e in environ if e)
-    return None
-
 
 def refused(host, port, line):
     """Connect, send line and a payload; True if the dispatcher closes on us."""
@@ -187,8 +162,8 @@ def refused(host, port, line):
             return True
 
 
-def test_the_relay_refuses_and_logs_connections_without_their_jobs_token(cluster, client, tools,
-                                                                        base_env, tmp_path):
+def test_the_relay_refuses_and_logs_connections_without_their_jobs_token(
+        slurm_cluster, client, tools, base_env, tmp_path):
     write_tool(tools, "hold", 'echo started; while [ ! -e "$1" ]; do sleep 0.05; done; echo done\n')
     wl = tmp_path / "w.yaml"
     wl.write_text("backend: slurm\ntools:\n  - name: hold\n")
@@ -200,7 +175,7 @@ def test_the_relay_refuses_and_logs_connections_without_their_jobs_token(cluster
     try:
         assert proc.stdout.readline() == b"started\n"
         job = until(lambda: [r for r in job_records(base_env) if r["state"] == "running"], 20)[0]
-        relay = until(lambda: relay_env(job), 10, "the relay")
+        _, relay = until(lambda: slurm_relay(job["backend_id"]), 10, "the relay")
         host, port = relay["ARV_WRAP_SLURM_HOST"], int(relay["ARV_WRAP_SLURM_PORT"])
         token = relay["ARV_WRAP_SLURM_TOKEN"].encode()
         other = random_secrets.token_hex(16).encode()

@@ -939,21 +939,11 @@ class Backend:
             return bool(self.orphans or self.orphan_names)
 
     def abandoned(self, records):
-        """Jobs a killed dispatcher held (their srun died with it, the job did not):
-        cancel them, retrying while the controller is away."""
-        with self.lock:
-            for record in records:
-                argv0 = (record.get("argv") or ["?"])[0]
-                name = job_name(os.path.basename(argv0), record["id"])
-                if record.get("backend_id"):
-                    self.orphans[str(record["backend_id"])] = name
-                else:
-                    self.orphan_names.add(name)
-            if self.monitor is None:
-                self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
-                                                daemon=True)
-                self.monitor.start()
-            self.monitor_wake.notify_all()
+        """Jobs a killed dispatcher held (their srun died with it, the job may not
+        have): cancel them by their names, retrying while the controller is away."""
+        for record in records:
+            argv0 = (record.get("argv") or ["?"])[0]
+            self.forget_by_name(job_name(os.path.basename(argv0), record["id"]))
 
     def unregister(self, live, orphan):
         with self.lock:
