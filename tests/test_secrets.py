@@ -54,6 +54,33 @@ def test_a_value_cut_anywhere_in_a_stream_is_redacted():
         assert out == data.replace(b"abcdefgh123", b"***").replace(b"s3kr1tz", b"***")
 
 
+def test_the_dispatcher_log_never_shows_a_calls_secret(tmp_path):
+    """Its handler's filter (the dispatcher adds each call's secrets to it): messages,
+    their arguments and tracebacks."""
+    import logging
+    from arvwrap import dispatcher
+    dispatcher.LOG_REDACTOR.values.add(b"v3rys3cr3tvalue")
+    handler = logging.FileHandler(tmp_path / "log")
+    handler.addFilter(dispatcher.RedactingFilter())
+    logger = logging.getLogger("arvwrap.test-redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("bad request: %s", "tool --password=abc v3rys3cr3tvalue")
+        try:
+            raise ValueError("v3rys3cr3tvalue inside")
+        except ValueError:
+            logger.exception("failed on %s", "MY_TOKEN=xyz")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        dispatcher.LOG_REDACTOR.values.discard(b"v3rys3cr3tvalue")
+    text = (tmp_path / "log").read_text()
+    assert "bad request: tool --password=*** ***" in text and "MY_TOKEN=***" in text
+    assert "ValueError: *** inside" in text
+    assert "v3rys3cr3tvalue" not in text and "abc" not in text and "xyz" not in text
+
+
 # -- end to end ------------------------------------------------------------------
 
 def every_file(directory):

@@ -599,6 +599,7 @@ class Backend:
         self.orphans = {}          # slurm id -> job name, to cancel (their srun is gone)
         self.orphan_names = set()  # job names to cancel (submissions we gave up on)
         self.trouble_at = None     # when a Slurm command last found no controller
+        self.cancelling = set()    # names the monitor is cancelling in this round
         self.monitor_wake = threading.Condition(self.lock)
         self.monitor = None
         self._nodes = None
@@ -936,7 +937,7 @@ class Backend:
         """Jobs still to cancel (the controller was away when they had to be): the
         dispatcher stays until they are, rather than forget them."""
         with self.lock:
-            return bool(self.orphans or self.orphan_names)
+            return bool(self.orphans or self.orphan_names or self.cancelling)
 
     def abandoned(self, records):
         """Jobs a killed dispatcher held (their srun died with it, the job may not
@@ -964,12 +965,14 @@ class Backend:
                     self.monitor_wake.wait(last + self.poll - time.monotonic())
                 orphans = dict(self.orphans)
                 names, self.orphan_names = self.orphan_names, set()
+                self.cancelling = set(names)
             last = time.monotonic()
             for name in names:
                 done = self.scancel(name=name)
-                if done is None or done.returncode != 0:
-                    with self.lock:
+                with self.lock:
+                    if done is None or done.returncode != 0:
                         self.orphan_names.add(name)     # the controller is still away
+                    self.cancelling.discard(name)
             try:
                 out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
                                 timeout=self.timeout, counter="status_queries")
