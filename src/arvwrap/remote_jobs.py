@@ -23,6 +23,10 @@ class RemoteJobs:
             outcome = self.run_on(self.backend(job.backend), job)
         except backends.BackendError as e:
             outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
+        except Exception as e:         # a backend that cannot even load: never a hang
+            log.exception("backend %s cannot start", job.backend)
+            outcome = Outcome("failed", reason=f"the {job.backend} backend cannot start: {e}",
+                              message=f"the {job.backend} backend cannot start: {e}")
         self.post(lambda: self._remote_done(call, outcome))
 
     def _remote_done(self, call, outcome):

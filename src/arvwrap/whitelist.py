@@ -80,9 +80,10 @@ class Rule:
 class Whitelist:
     """Rules in compiled (precedence) order: ``rules[i].index == i``."""
 
-    def __init__(self, files: list, rules: list):
+    def __init__(self, files: list, rules: list, redact=()):
         self.files = list(files)
         self.rules = rules
+        self.redact = tuple(redact)   # the files' `redact:` globs, in file order
         self.compiled = compile_rules(rules)
         self._c_rules = self.compiled.encode("ascii")
 
@@ -541,6 +542,7 @@ _FILE = _mapping({
     "defaults": _mapping(_RESOURCES),
     "slurm": _mapping(_SLURM),
     "tools": _tools,
+    "redact": _list_of(_string),
 }, "a mapping of whitelist settings (backend:, defaults:, tools:, ...)")
 
 
@@ -614,9 +616,10 @@ def load(paths) -> Whitelist:
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     paths = [os.fsdecode(p) for p in paths]
-    per_file = []
+    per_file, redact = [], []
     for path in paths:
         settings = _read(path) or _Fields(1)
+        redact += settings.get("redact", [])
         per_file.append([_rule(path, settings, tool) for tool in settings.get("tools", [])])
     # a later file's rule for the same (kind, pattern) replaces the earlier one
     newest = {}
@@ -630,7 +633,7 @@ def load(paths) -> Whitelist:
                if rule.kind == kind and newest[(kind, rule.pattern)] == n]
     for i, rule in enumerate(ordered):
         rule.index = i
-    return Whitelist(paths, ordered)
+    return Whitelist(paths, ordered, redact)
 
 
 def find_whitelists(cli_paths, env=os.environ) -> list:

@@ -47,6 +47,7 @@ ARV_WRAP_SLURM_MAX_JOBS in flight); one monitor thread makes at most one batched
 while there are jobs: it cancels (one ``scancel`` for all) jobs whose srun died,
 and ends an srun whose job Slurm no longer knows.
 """
+import logging
 import math
 import os
 import re
@@ -65,8 +66,10 @@ import time
 
 from arvwrap import paths
 from arvwrap.backends import BackendError
+from arvwrap.redact import StreamRedactor
 from arvwrap.jobspec import Outcome, on_oversize
 
+log = logging.getLogger("arvwrap.dispatcher")
 MIB = 1 << 20
 KILL_GRACE = 10.0        # s between SIGTERM and SIGKILL of an srun that must end
 STREAM_GRACE = 5.0       # s to wait for a stream's end after srun exited
@@ -239,7 +242,7 @@ class Relay:
                     self._handshake(key.fileobj, pending)
             now = time.monotonic()
             for conn in [c for c, deadline in pending.items() if deadline < now]:
-                self._drop(conn, pending)
+                self._drop(conn, pending, f"no token within {HANDSHAKE_TIMEOUT:g}s")
 
     def _accept(self, pending):
         while True:
@@ -262,7 +265,8 @@ class Relay:
             head = b""
         end = head.find(b"\n")
         if not head or (end < 0 and len(head) >= 128):
-            self._drop(conn, pending)
+            self._drop(conn, pending, "it sent no token line" if head
+                       else "it closed before sending a token")
             return
         if end < 0:
             return
@@ -270,14 +274,21 @@ class Relay:
         with self.lock:
             handler = self.waiting.pop(head[:end], None)
         if handler is None:
-            self._drop(conn, pending)
+            # never the bytes it sent in the log: they may be a real token, mistyped
+            self._drop(conn, pending, "its token is no running job's (or was used already)")
             return
         self.selector.unregister(conn)
         del pending[conn]
         conn.setblocking(True)
         handler(conn)
 
-    def _drop(self, conn, pending):
+    def _drop(self, conn, pending, why=None):
+        if why:
+            try:
+                peer = "%s:%s" % conn.getpeername()[:2]
+            except OSError:
+                peer = "a peer gone"
+            log.warning("slurm relay: refused a connection from %s: %s", peer, why)
         try:
             self.selector.unregister(conn)
         except (KeyError, ValueError):
@@ -321,9 +332,10 @@ class Stream:
     """Copies one relay connection to one of the caller's descriptors, in a thread,
     and to a Log if given one (its path)."""
 
-    def __init__(self, target_fd, log_path=None):
+    def __init__(self, target_fd, log_path=None, secrets=()):
         self.target = target_fd
         self.log_path = log_path
+        self.redactor = StreamRedactor(secrets)     # the kept copy never holds a secret
         self.done = threading.Event()
         self.connected = threading.Event()
         self.sock = None
@@ -351,7 +363,7 @@ class Stream:
                     break
                 if log is not None:
                     try:
-                        log.write(data)
+                        log.write(self.redactor.feed(data))
                     except OSError:
                         log.close()
                         log = None
@@ -365,6 +377,10 @@ class Stream:
                     break       # the caller's reader is gone: close, the tool gets EPIPE
         finally:
             if log is not None:
+                try:
+                    log.write(self.redactor.flush())
+                except OSError:
+                    pass
                 log.close()
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -580,8 +596,10 @@ class Backend:
         self.lock = threading.Lock()
         self.relay = None
         self.live = {}             # slurm id -> Live, while its srun runs
-        self.orphans = set()       # slurm ids to cancel (their srun is gone)
+        self.orphans = {}          # slurm id -> job name, to cancel (their srun is gone)
         self.orphan_names = set()  # job names to cancel (submissions we gave up on)
+        self.trouble_at = None     # when a Slurm command last found no controller
+        self.cancelling = set()    # names the monitor is cancelling in this round
         self.monitor_wake = threading.Condition(self.lock)
         self.monitor = None
         self._nodes = None
@@ -826,6 +844,9 @@ class Backend:
         env[b"ARV_WRAP_SLURM_HOST"] = os.fsencode(relay.host)
         env[b"ARV_WRAP_SLURM_PORT"] = str(relay.port).encode()
         env[b"ARV_WRAP_SLURM_TOKEN"] = token
+        if os.environ.get("ARV_WRAP_SLURM_CONNECT_TIMEOUT"):    # the relay's (default 20 s)
+            env[b"ARV_WRAP_SLURM_CONNECT_TIMEOUT"] = os.fsencode(
+                os.environ["ARV_WRAP_SLURM_CONNECT_TIMEOUT"])
         for name in (b"PWD", b"SHLVL"):
             if name in job.env:
                 env[b"ARV_WRAP_SLURM_" + name] = b"=" + job.env[name]
@@ -884,9 +905,12 @@ class Backend:
             args.append(f"--name={name}")
         args += [str(i) for i in ids]
         try:
-            return self._run("scancel", args, timeout=self.timeout, counter="cancels")
+            done = self._run("scancel", args, timeout=self.timeout, counter="cancels")
         except (subprocess.TimeoutExpired, OSError):
-            return None
+            done = None
+        if done is None or RE_CONTROLLER.search(done.stderr):
+            self.trouble_at = time.monotonic()
+        return done
 
     # -- the monitor: one batched squeue per interval, only while jobs run --
     def register(self, live):
@@ -909,12 +933,25 @@ class Backend:
                 self.monitor.start()
             self.monitor_wake.notify_all()
 
+    def cleaning(self):
+        """Jobs still to cancel (the controller was away when they had to be): the
+        dispatcher stays until they are, rather than forget them."""
+        with self.lock:
+            return bool(self.orphans or self.orphan_names or self.cancelling)
+
+    def abandoned(self, records):
+        """Jobs a killed dispatcher held (their srun died with it, the job may not
+        have): cancel them by their names, retrying while the controller is away."""
+        for record in records:
+            argv0 = (record.get("argv") or ["?"])[0]
+            self.forget_by_name(job_name(os.path.basename(argv0), record["id"]))
+
     def unregister(self, live, orphan):
         with self.lock:
             if self.live.get(live.attempt.slurm_id) is live:
                 del self.live[live.attempt.slurm_id]
             if orphan:
-                self.orphans.add(live.attempt.slurm_id)
+                self.orphans[live.attempt.slurm_id] = live.name
                 self.monitor_wake.notify_all()
 
     def _monitor(self):
@@ -926,31 +963,38 @@ class Backend:
                 # at most one round per interval, whatever wakes us
                 while time.monotonic() < last + self.poll:
                     self.monitor_wake.wait(last + self.poll - time.monotonic())
-                orphans = set(self.orphans)
+                orphans = dict(self.orphans)
                 names, self.orphan_names = self.orphan_names, set()
+                self.cancelling = set(names)
             last = time.monotonic()
             for name in names:
                 done = self.scancel(name=name)
-                if done is None or done.returncode != 0:
-                    with self.lock:
+                with self.lock:
+                    if done is None or done.returncode != 0:
                         self.orphan_names.add(name)     # the controller is still away
-            if orphans:
-                self.scancel(sorted(orphans, key=int))
+                    self.cancelling.discard(name)
             try:
-                out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T"],
+                out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
                                 timeout=self.timeout, counter="status_queries")
             except (subprocess.TimeoutExpired, OSError):
+                out = None
+            if out is None or out.returncode != 0:
+                self.trouble_at = time.monotonic()
                 continue
-            if out.returncode != 0:
-                continue
-            known = {}
+            known, names_of = {}, {}
             for line in out.stdout.splitlines():
-                fields = line.split()
-                if len(fields) == 2:
-                    known[fields[0]] = fields[1]
+                fields = line.split(None, 2)
+                if len(fields) == 3:
+                    known[fields[0]], names_of[fields[0]] = fields[1], fields[2]
+            # an orphan is cancelled only while squeue lists it under its own name: a
+            # controller that lost its state may have given its id to another job
+            ours = sorted((i for i, name in orphans.items() if names_of.get(i) == name), key=int)
+            if ours:
+                self.scancel(ours)
             with self.lock:
                 # cancelled ones stay until squeue no longer lists them
-                self.orphans = {i for i in self.orphans if i in known or i not in orphans}
+                self.orphans = {i: n for i, n in self.orphans.items()
+                                if i not in orphans or names_of.get(i) == n}
                 for slurm_id, live in list(self.live.items()):
                     live.seen(known.get(slurm_id))
 
@@ -965,11 +1009,13 @@ class Live:
         self.stdin_fd = stdin_fd
         self.spool = spool
         self.attempt = Attempt()
-        self.name = "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", job.tool)[:64] + ":" + job.id
+        self.name = job_name(job.tool, job.id)
+        self.began = time.monotonic()
         self.token = secrets.token_hex(16).encode()
         self.streams = {1: Stream(job.fds.get(1)),
                         2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
-                                                               f"{job.id}.stderr"))}
+                                                               f"{job.id}.stderr"),
+                                  getattr(getattr(job, "redactor", None), "values", ()))}
         self.gone_polls = 0
         self.lost = False            # the monitor found the job gone while srun lingers
         self.registered = False
@@ -1008,6 +1054,7 @@ class Live:
         signalled_pending = []     # signals that arrived before the job was allocated
         cancel_sent = False
         term_at = kill_at = None
+        grace = KILL_GRACE         # between SIGTERM and SIGKILL of srun
         why = None                 # arv-wrap's reason for ending the job
         steered = False
         watch = Poller([err_r, job.wake_fd, pidfd])
@@ -1063,14 +1110,18 @@ class Live:
                 if why is not None and not cancel_sent:
                     if attempt.slurm_id:
                         cancel_sent = True
-                        b.scancel([attempt.slurm_id])
+                        done = b.scancel([attempt.slurm_id])
+                        if done is None or RE_CONTROLLER.search(done.stderr):
+                            # no controller to take it, and srun forwards signals through
+                            # it: end srun now; the job is cancelled once it answers
+                            term_at, grace = now, 1.0
                         term_at = term_at or now + KILL_GRACE
                     elif term_at is None:
                         _kill(pid, signal.SIGTERM)   # srun withdraws its request
                         term_at = now
                 if term_at is not None and now >= term_at and kill_at is None:
                     _kill(pid, signal.SIGTERM)
-                    kill_at = now + KILL_GRACE
+                    kill_at = now + grace
                 if kill_at is not None and now >= kill_at:
                     _kill(pid, signal.SIGKILL)
                     kill_at = float("inf")
@@ -1087,8 +1138,11 @@ class Live:
         clean = attempt.wait_status is not None
         if attempt.slurm_id and (not clean or why is not None):
             b.scancel([attempt.slurm_id])       # never leave a job whose srun is gone
+        # srun ended while the controller was away: it may never have heard of the
+        # end (the job would stay RUNNING there), so it is cancelled once it answers
+        doubtful = attempt.controller or (b.trouble_at or 0) >= self.began
         if self.registered:
-            b.unregister(self, orphan=attempt.slurm_id is not None and not clean)
+            b.unregister(self, orphan=attempt.slurm_id is not None and (not clean or doubtful))
         elif not attempt.slurm_id and why is not None:
             b.forget_by_name(self.name)         # a request srun may have left behind
         for stream in self.streams.values():
@@ -1118,6 +1172,12 @@ class Live:
         if a.no_relay:
             text = (f"{label}: the node cannot run arv-wrap's relay ({a.no_relay}); "
                     f"it must be at the same path on the nodes (a shared filesystem)")
+            return Outcome("failed", reason=text, message=text)
+        if (a.relay_error and a.wait_status is not None and os.WIFEXITED(a.wait_status)
+                and os.WEXITSTATUS(a.wait_status) == 125):
+            # the relay could not start the tool (its streams cannot reach us): its 125
+            # is arv-wrap's failure, not the tool's status
+            text = f"{label}: {a.relay_error}"
             return Outcome("failed", reason=text, message=text)
         if a.wait_status is None:
             if a.refused or (not a.slurm_id and a.errors):
@@ -1172,6 +1232,10 @@ class Live:
                                 start_new_session=True)
         proc.returncode = 0      # we reap it ourselves; keep Popen's __del__ quiet
         return proc.pid
+
+
+def job_name(tool, job_id):
+    return "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", tool)[:64] + ":" + job_id
 
 
 def controller_address(config):
