@@ -14,6 +14,7 @@ The tool itself always gets its argv and environment untouched: only arv-wrap's 
 copies are redacted.
 """
 import fnmatch
+import functools
 import os
 import re
 
@@ -32,6 +33,19 @@ def patterns_from(env=None, extra=()):
     return (*DEFAULTS, *extra, *(p for p in re.split(r"[:,\s]+", given) if p))
 
 
+@functools.lru_cache(maxsize=8192)
+def _secret(patterns, name):
+    """Whether a variable or option name is secret (every call's environment names
+    them again: each is decided once)."""
+    name = name.lstrip("-").upper().replace("-", "_")
+    return bool(name) and _matcher(patterns)(name) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns):
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
+
+
 class Redactor:
     def __init__(self, patterns=DEFAULTS, env=None):
         self.patterns = tuple(p.upper() for p in patterns)
@@ -44,8 +58,7 @@ class Redactor:
             self._remember(value)
 
     def secret_name(self, name):
-        name = os.fsdecode(name).lstrip("-").upper().replace("-", "_")
-        return bool(name) and any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        return _secret(self.patterns, os.fsdecode(name))
 
     def _remember(self, value):
         if len(value) >= MIN_VALUE:
