@@ -206,3 +206,18 @@ def test_a_secret_in_argv_is_not_kept_in_the_cache(local_env, tmp_path):
         for name in names:
             with open(os.path.join(root, name), "rb") as f:
                 assert secret.encode() not in f.read(), os.path.join(root, name)
+
+
+def test_a_stdin_that_cannot_be_spooled_fails_the_call_in_one_line_and_runs_nothing(
+        local_env, tmp_path, small_tmpfs):
+    """A real full disk under the cache: what was read of the pipe is gone, so the
+    call must not run on part of it."""
+    local_env["ARV_WRAP_STATE_DIR"] = str(small_tmpfs / "state")
+    result = arv_wrap("--reuse", "--", "sh", "-c",
+                      "head -c 4000000 /dev/zero | upcase -o out.txt /dev/stdin",
+                      env=local_env, cwd=tmp_path, capture_output=True)
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 125 and len(lines) == 1, lines
+    assert lines[0].startswith("arv-wrap: job reuse failed: cannot keep its stdin") and \
+        "No space left" in lines[0]
+    assert runs(tmp_path) == 0

@@ -64,8 +64,8 @@ class ReuseJobs:
                 work(*args)
             except Exception as e:
                 log.exception("job reuse failed")
-                call = args[0]
-                self.post(lambda: self._reuse_failed(call, e))
+                call, error = args[0], e      # e is unbound once the except block ends
+                self.post(lambda: self._reuse_failed(call, error))
         self.workers.submit(guarded)
 
     def _reuse_failed(self, call, error):
@@ -90,7 +90,13 @@ class ReuseJobs:
             stdin = reuse.stdin_part(job.fds.get(0), job.rule.stdin)
             if stdin == "spool":
                 spooled = self.cache.new_tmp("stdin")
-                streams.spool(job.fds[0], spooled)
+                try:
+                    streams.spool(job.fds[0], spooled)
+                except OSError as e:        # what it read is gone with it: no run at all
+                    _unlink(spooled)
+                    why = f"cannot keep its stdin: {e}"
+                    self.post(lambda: self._reuse_failed(call, why))
+                    return
                 stdin = "spool " + self.cache.digests.digest(spooled)[0]
             elif stdin == "file":
                 fd = job.fds[0]
@@ -105,7 +111,8 @@ class ReuseJobs:
             else:
                 why = None if entry else self._why_missed(job, plan)
         except (OSError, ValueError, sqlite3.Error) as e:   # it runs, unkept
-            self.post(lambda: self._keyed(call, None, None, spooled, f"not reusable: {e}"))
+            why = f"not reusable: {e}"
+            self.post(lambda: self._keyed(call, None, None, spooled, why))
             return
         self.post(lambda: self._keyed(call, plan, entry, spooled, why))
 
