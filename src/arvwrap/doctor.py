@@ -12,15 +12,29 @@ PROBE_RULES = "1;n:true"
 
 def run(options):
     checks = [check_files, check_interception, lambda: check_rules(options),
-              lambda: check_backend(options), lambda: check_round_trip(options)]
-    if (options["backend"] or os.environ.get("ARV_WRAP_BACKEND")) == "docker":
-        checks.insert(4, lambda: check_images(options))
+              lambda: check_backend(options), lambda: backend_checks(options),
+              lambda: check_round_trip(options)]
     failed = 0
     for check in checks:
-        ok, text = check()
-        print(f"{'ok  ' if ok else 'FAIL'}  {text}")
-        failed += not ok
+        results = check()
+        for ok, text in results if isinstance(results, list) else [results]:
+            print(f"{'ok  ' if ok else 'FAIL'}  {text}")
+            failed += not ok
     return 1 if failed else 0
+
+
+def backend_name(options):
+    return options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+
+
+def backend_checks(options):
+    """What the chosen backend itself checks beyond answering (docker: the images)."""
+    from arvwrap import backends
+    name = backend_name(options)
+    cls = backends.find_quietly(name)
+    if cls is None:
+        return []
+    return cls.doctor_checks(lambda: backends.load(name), named_rules(options))
 
 
 def check_files():
@@ -60,9 +74,9 @@ def check_rules(options):
 
 def check_backend(options):
     from arvwrap import backends
-    name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+    name = backend_name(options)
     try:
-        backend = backends.load(name, {})
+        backend = backends.load(name)
         return True, backend.check()
     except backends.BackendError as e:
         return False, f"backend {name}: {e}"
@@ -70,51 +84,26 @@ def check_backend(options):
         return False, f"backend {name}: {e}"
 
 
-def check_images_missing(options):
-    from arvwrap import backends
-    try:
-        return backends.load("docker", {}).missing_images(named_images(options))
-    except Exception:
-        return named_images(options)
-
-
-def named_images(options):
-    """The images the whitelist's rules name."""
+def named_rules(options):
+    """The whitelist's rules, or None (none named, or unreadable: check_rules says so)."""
     files = whitelist.find_whitelists(options["whitelists"], os.environ)
     try:
-        rules = whitelist.load(files) if files else None
+        return whitelist.load(files) if files else None
     except (OSError, whitelist.WhitelistError):
-        return []
-    return sorted({r.image for r in rules.rules if r.image}) if rules else []
-
-
-def check_images(options):
-    """docker: which images the whitelist names are not on the engine."""
-    from arvwrap import backends
-    images = named_images(options)
-    if not images:
-        return True, "images: the whitelist names none (the docker backend needs one per rule)"
-    try:
-        missing = backends.load("docker", {}).missing_images(images)
-    except Exception as e:
-        return False, f"images: cannot ask the engine: {e}"
-    if missing:
-        return False, f"images missing on the engine (pulled on first use when a registry " \
-                      f"answers): {', '.join(missing)}"
-    return True, f"images: all {len(images)} the whitelist names are there"
+        return None
 
 
 def check_round_trip(options):
-    """Redirect a real `true` through the dispatcher to the chosen backend (docker:
-    `sh -c true` in an image the whitelist names)."""
-    from arvwrap import activation, store
-    name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
-    tool, argv, image = "'true'", ["true"], ""
-    if name == "docker":
-        images = [i for i in named_images(options) if i not in check_images_missing(options)]
-        if not images:
-            return True, "round trip skipped: no image of the whitelist is on the engine"
-        tool, argv, image = "sh", ["sh", "-c", "true"], f"\n    image: '{images[0]}'"
+    """Redirect a real `true` through the dispatcher to the chosen backend (or what its
+    doctor_probe says: docker runs `sh -c true` in an image the whitelist names)."""
+    from arvwrap import activation, backends, store
+    from arvwrap.backends.base import Backend
+    name = backend_name(options)
+    cls = backends.find_quietly(name) or Backend
+    probe = cls.doctor_probe(lambda: backends.load(name), named_rules(options))
+    if isinstance(probe, str):
+        return True, probe
+    tool, argv, image = probe
     with tempfile.TemporaryDirectory() as tmp:
         rules_file = os.path.join(tmp, "doctor.yaml")
         with open(rules_file, "w") as f:

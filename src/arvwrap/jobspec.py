@@ -87,7 +87,7 @@ class Job:
     on_backend_error: str = "fail"
     on_oversize: str = "clamp"
     rule: object = None
-    slurm: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)   # backend name -> its whitelist block
     notes: list = field(default_factory=list)
 
     def __post_init__(self):
