@@ -34,7 +34,40 @@ def backend_checks(options):
     cls = backends.find_quietly(name)
     if cls is None:
         return []
-    return cls.doctor_checks(lambda: backends.load(name), named_rules(options))
+    checks = [shared_filesystem(name)] if cls.shared_filesystem else []
+    return checks + cls.doctor_checks(lambda: backends.load(name), named_rules(options))
+
+
+NODE_LOCAL = ("tmpfs", "ramfs", "overlay", "devtmpfs")
+
+
+def shared_filesystem(name):
+    """A backend that needs a shared filesystem: is the cwd on one that is not local?"""
+    cwd = os.getcwd()
+    kind = filesystem_type(cwd)
+    if kind in NODE_LOCAL:
+        return True, (f"files: the cwd {cwd} is on {kind}, which only this host sees: "
+                      f"{name} jobs elsewhere would not find it (fine on a one-node "
+                      f"cluster on this host)")
+    return True, (f"files: the cwd {cwd} is on {kind or 'an unknown filesystem'}; {name} "
+                  f"needs it, the tools and their paths at the same paths on the nodes "
+                  f"(arv-wrap cannot check that)")
+
+
+def filesystem_type(path):
+    """The type of the filesystem path is on, from /proc/self/mounts (longest mount)."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if len(fields) > 2 and inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def check_files():

@@ -181,3 +181,29 @@ def test_capabilities_decide_what_the_dispatcher_and_check_do():
             for c in [backends.backend_class(name)]}
     assert caps == {"local": (True, True, False), "slurm": (False, False, True),
                     "docker": (False, True, False)}
+
+
+def test_doctor_says_where_the_cwd_lives_for_a_backend_that_needs_a_shared_filesystem(
+        monkeypatch, tmp_path):
+    from arvwrap import doctor
+    assert doctor.filesystem_type("/proc/self") == "proc"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(doctor, "filesystem_type", lambda path: "tmpfs")
+    ok, text = doctor.shared_filesystem("slurm")
+    assert ok and text.startswith(f"files: the cwd {tmp_path} is on tmpfs, which only this host")
+    spawn_like = {"backend": "local", "whitelists": []}
+    assert not any(t.startswith("files:") for _, t in doctor.backend_checks(spawn_like))
+
+
+def test_check_notes_what_the_backends_capabilities_change(whitelist_file):
+    from arvwrap import whitelist
+    from arvwrap.commands.checking import capability_notes
+    rule = whitelist.load([whitelist_file("tools: [{name: cat, cpus: 0.5}]\n")]).rules[0]
+    argv = [b"cat", b"/dev/fd/63"]
+    assert capability_notes(rule, argv, "local") == []
+    assert capability_notes(rule, argv, "docker") == [
+        "an argument names one of the caller's descriptors (/dev/fd/N), which a container "
+        "cannot reach: runs on the local backend"]
+    assert capability_notes(rule, [b"cat"], "slurm") == [
+        "the slurm backend grants whole CPUs: 0.5 CPUs get 1"]
+    assert capability_notes(rule, argv, "nosuch") == []
