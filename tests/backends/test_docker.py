@@ -118,6 +118,14 @@ def test_binary_stdout_and_stderr_are_exact_and_separate(env, tmp_path):
     assert result.stderr == (tmp_path / "err.bin").read_bytes()
 
 
+def test_its_stderr_is_kept_for_arv_wrap_logs(env):
+    result = wrapped(env, "sh -c 'echo out; echo kept-line >&2; exit 3'")
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"kept-line\n")
+    [record] = job_records(env)
+    logs = arv_wrap("logs", record["id"], env=env, stdout=subprocess.PIPE)
+    assert (logs.returncode, logs.stdout) == (0, b"kept-line\n")
+
+
 def test_5mb_of_binary_stdin_through_cat_and_its_eof(env, tmp_path):
     data = os.urandom(5_000_000)
     (tmp_path / "big.bin").write_bytes(data)

@@ -328,6 +328,18 @@ def test_one_query_per_round_for_every_job():
     assert scheduler.cancelled[0] == ["7"]
 
 
+def test_an_orphan_is_cancelled_each_round_until_it_is_no_longer_listed():
+    scheduler = FakeScheduler()
+    scheduler.cancel = lambda ids: scheduler.cancelled.append(sorted(ids))   # it stays
+    scheduler.states = {"9": "RUNNING"}
+    poller = StatusPoller("the poller", scheduler.query, scheduler.cancel, 0.05)
+    poller.cancel_later("9")
+    until(lambda: len(scheduler.cancelled) >= 2, what="two cancels")
+    assert poller.cleaning()
+    del scheduler.states["9"]               # now it is gone
+    until(lambda: not poller.cleaning(), what="the orphan dropped")
+
+
 def test_a_retried_action_runs_each_round_until_it_is_done():
     scheduler = FakeScheduler()
     poller = StatusPoller("the poller", scheduler.query, scheduler.cancel, 0.05)

@@ -36,9 +36,11 @@ import struct
 import threading
 import time
 
+from arvwrap import paths
 from arvwrap.backends import BackendError, base
 from arvwrap.backends.remote import guard
-from arvwrap.backends.remote.fds import close, write_all
+from arvwrap.backends.remote.fds import close, received, write_all
+from arvwrap.backends.remote.streams import Log
 from arvwrap.jobspec import Outcome, on_oversize
 
 MIB = 1 << 20
@@ -106,6 +108,7 @@ class Backend(base.Backend):
             raise BackendError(f"docker: only a unix socket or plain tcp:// engine will do, "
                                f"not {os.environ.get('DOCKER_HOST')}")
         self.host = socket.gethostname()
+        self.log_dir = os.path.join(state_dir or paths.state_dir(), "logs")  # `arv-wrap logs`
         self.lock = threading.Lock()
         self.pulls = {}           # image -> lock: one pull at a time per image
         self.info = None
@@ -276,6 +279,7 @@ class Container:
 
     def __init__(self, backend, job, started, spec):
         self.api, self.errors = backend.api, backend.errors
+        self.log_dir = backend.log_dir
         self.job, self.started, self.spec = job, started, spec
         self.id = None
         self.label = job.tool
@@ -297,7 +301,8 @@ class Container:
                 return engine_trouble(e, self.id is not None)
             self.started(self.id[:12])
             self.copier = Demux(self.sock, job.fds.get(1), job.fds.get(2), self.notify,
-                                f"the output of job {job.id}", self.failure)
+                                f"the output of job {job.id}", self.failure,
+                                os.path.join(self.log_dir, f"{job.id}.stderr"))
             if stdin is not None:
                 self.pump = Pump(stdin, self.sock, f"the stdin of job {job.id}", self.failure)
             guard.start(f"the wait for job {job.id}", self.wait, on_crash=self.failure)
@@ -439,28 +444,32 @@ class Demux:
     Without a TTY the engine sends frames: one byte of stream id (1 stdout, 2 stderr),
     three zero bytes, a 32-bit big-endian length, then that many bytes."""
 
-    def __init__(self, sock, out_fd, err_fd, wake, what="the output", on_fail=None):
+    log = None                    # the kept copy of stderr (a streams.Log), if any
+
+    def __init__(self, sock, out_fd, err_fd, wake, what="the output", on_fail=None,
+                 log_path=None):
         self.sock = sock
         self.targets = {1: out_fd, 2: err_fd}
         self.wake = wake          # told when it ends, or a reader went away
         self.broken = False       # a target's reader is gone
         self.done = threading.Event()
+        if log_path:
+            try:
+                self.log = Log(log_path)
+            except OSError:
+                pass              # no copy kept; the stream itself is what matters
         self.thread = guard.start(f"the copy of {what}", self.copy, on_crash=on_fail,
                                   then=self.finished)
 
     def finished(self):
+        if self.log is not None:
+            self.log.close()
         self.done.set()
         self.wake()
 
     def copy(self):
         pending = b""
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                return
-            if not data:
-                return
+        for data in received(self.sock):
             pending = self.deliver(pending + data)
 
     def deliver(self, data):
@@ -477,6 +486,8 @@ class Demux:
         return data[at:]
 
     def write(self, kind, body):
+        if kind == 2 and self.log is not None and body:
+            self.keep(bytes(body))
         fd = self.targets.get(kind)
         if fd is None or not body:
             return
@@ -488,6 +499,13 @@ class Demux:
             self.wake()
         except OSError:
             self.targets[kind] = None
+
+    def keep(self, data):
+        try:
+            self.log.write(data)
+        except OSError:
+            self.log.close()
+            self.log = None
 
     def cut(self):
         """Stop waiting for the rest of the output."""

@@ -28,6 +28,18 @@ def readable(fds, timeout=None):
     return Readable(fds).poll(timeout)
 
 
+def received(sock, size=1 << 16):
+    """What sock receives, chunk by chunk, until its end (an error counts as the end)."""
+    while True:
+        try:
+            data = sock.recv(size)
+        except OSError:
+            return
+        if not data:
+            return
+        yield data
+
+
 def drain(fd):
     """Everything fd has to give without waiting."""
     out = b""

@@ -7,8 +7,10 @@ interval, and only while there is something to ask about:
   from the batch (None: the backend no longer lists it);
 - ``unwatch(id, watcher, orphan=True)``: the job's own thread gave up on it: it is
   cancelled (one cancel for all such orphans per round) until no longer listed;
+- ``cancel_later(id)``: the same for a job nobody watches;
 - ``retry(action)``: ``action()`` is tried once per round until it returns True
-  (a cleanup that needs the scheduler to answer).
+  (a cleanup that needs the scheduler to answer); ``cleaning()`` says whether any
+  such work is left.
 
 The backend gives ``query(ids) -> {id: state}`` (None when the query failed: the
 next round asks again) and ``cancel(ids)``. The thread is guarded: a watcher whose
@@ -61,6 +63,18 @@ class StatusPoller:
             if orphan:
                 self.orphans.add(job_id)
                 self._wake()
+
+    def cancel_later(self, job_id):
+        """Cancel a job nobody watches (a dead dispatcher's, say), retried each round
+        until the backend no longer lists it."""
+        with self.cond:
+            self.orphans.add(job_id)
+            self._wake()
+
+    def cleaning(self):
+        """Whether cancels or actions are still to be done (the scheduler was away)."""
+        with self.cond:
+            return bool(self.orphans or self.actions)
 
     def retry(self, action):
         with self.cond:

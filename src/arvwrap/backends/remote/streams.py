@@ -88,13 +88,7 @@ class Stream:
                 pass       # no copy kept; the stream itself is what matters
 
     def _copy(self):
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                return
-            if not data:
-                return
+        for data in fds.received(self.sock):
             self._keep(data)
             if self.target is None:
                 return      # the caller has no such descriptor: the tool gets EPIPE
