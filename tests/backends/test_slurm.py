@@ -710,3 +710,17 @@ def test_fault_injecting_stream_copy_fails_the_job_with_one_line(env, tmp_path):
     again = wrapped(env, "probe echo fine", timeout=90)
     assert (again.returncode, again.stdout) == (0, b"fine\n")
 
+
+
+def test_a_backend_whose_machinery_gave_up_fails_its_next_jobs_at_once():
+    """A thread that kept crashing stops the backend: each later job fails with one line,
+    as a backend error (on_backend_error: local would run it here)."""
+    need("srun")
+    from types import SimpleNamespace
+    from arvwrap.backends import slurm
+    backend = slurm.Backend({})
+    backend.stop("the slurm status poller failed (ValueError: x; see dispatcher.log)")
+    outcome = backend.run(SimpleNamespace(tool="bwa", id="01J"), None)
+    assert (outcome.state, outcome.run_locally) == ("failed", True)
+    assert outcome.message == ("the slurm backend stopped: the slurm status poller failed "
+                               "(ValueError: x; see dispatcher.log)")
