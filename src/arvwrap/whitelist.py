@@ -485,6 +485,8 @@ _WHEN = {
     "subcommand": _list_of(_string, single_ok=True),
     "not_flags": _list_of(_string, single_ok=True),
 }
+
+
 class _WithBlocks(dict):
     """A schema whose keys are its own, with each backend's block (`slurm:`) before
     the key `before`; a backend is looked up only when a key is not the schema's own."""
@@ -502,7 +504,7 @@ class _WithBlocks(dict):
     def __getitem__(self, key):
         if self.own(key):
             return dict.__getitem__(self, key)
-        return _block(key, _block_class(key))
+        return _block(_block_class(key))
 
     def __iter__(self):
         keys = list(dict.keys(self))
@@ -511,10 +513,8 @@ class _WithBlocks(dict):
 
 
 def _block_class(key):
-    try:
-        cls = backends.find(key)
-    except backends.BackendError:
-        return None
+    """The Options of the backend called key, if it has a whitelist block."""
+    cls = backends.find_quietly(key)
     return cls.Options if cls is not None else None
 
 
@@ -522,7 +522,7 @@ _OPTION_KINDS = {"str": _string, "list": _list_of(_string), "number": _number_gt
                  "bool": _boolean}
 
 
-def _block(name, options):
+def _block(options):
     """The validator of a backend's block: one key per field of its Options; a field's
     metadata["check"] refuses what the backend cannot use."""
     schema = {}
