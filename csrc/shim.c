@@ -26,10 +26,16 @@
  *  - Cheap load and cheap pass-through: the constructor only scans environ
  *    once, and neither it nor a non-matching exec calls into libc (no lazy
  *    PLT binding, no write to the shim's data in a fork child): the string
- *    functions below are the shim's own (hidden, also used by match.c) and
- *    syscalls are made inline.  Only cold paths (errno on failure, dlsym,
- *    strerrordesc_np) reach libc.
+ *    functions are the shim's own (csrc/sys.c, hidden, also used by match.c
+ *    and env.c) and syscalls are made inline (csrc/sys.h).  Only cold paths
+ *    (errno on failure, dlsym, strerrordesc_np) reach libc.
  *  - Only the hooks are exported (-fvisibility=hidden elsewhere).
+ *  - Bounded stack for any argv and envp: the shim's own arrays are capped
+ *    (ENV_MAX, ARGV_STACK_MAX; see intercept), an argv longer than
+ *    ARGV_STACK_MAX reaches the client in the environment form (redirect).  The
+ *    only arrays that grow with argc are the ones glibc's own call makes in the
+ *    same place, and they replace glibc's: the execl* hooks' argument array, and
+ *    the /bin/sh argv of a #!-less script (exec_script).
  *
  * Requirements and the tests that prove them (tests/test_shim.py):
  *  - each exec variant redirects with exact argv ........ test_redirect_exact_argv
@@ -53,6 +59,7 @@
  *  - malformed or missing rules/shim vars: pass through .. test_malformed_rules_pass_through,
  *                                                          test_no_rules_or_no_shim_var_passes_through
  *  - only the hooks exported ............................. test_exports_only_hooks
+ *  - bounded stack, huge argv (tests/test_stack.py) ...... test_huge_argv_*
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -70,14 +77,38 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "env.h"
 #include "match.h"
+#include "sys.h"
 
+#ifndef __SANITIZE_ADDRESS__
 #define EXPORT __attribute__((visibility("default")))
+#define HOOK_ENTRY() ((void)0)
+#else
+/* The sanitized build (csrc/native.py --sanitize): a hook that ran in a vfork
+ * child left ASan's poison for its stack frames in the shadow of the parent's
+ * stack (the child execs without returning through them), so a later call in
+ * the parent would see false stack overflows.  The hooks themselves are not
+ * instrumented, and each first unpoisons the stack below its frame, where every
+ * instrumented frame of the shim will be (its stack use is bounded, see intercept). */
+#include <sanitizer/asan_interface.h>
+#define EXPORT __attribute__((visibility("default"), no_sanitize_address))
+#define HOOK_ENTRY() clean_stack_below(__builtin_frame_address(0))
+#define STACK_CLEAN (512 * 1024)
+__attribute__((no_sanitize_address, noinline)) static void clean_stack_below(char *frame)
+{
+    __asan_unpoison_memory_region(frame - STACK_CLEAN, STACK_CLEAN);
+}
+#endif
 
 extern char **environ;
 
-#define MAX_KEEP 32             /* ARV_WRAP_* entries re-added by env repair */
 #define ENV_MAX 4096            /* larger envps are passed on without repair (stack) */
+#define ENV_MAX_S "4096"
+#define ARGV_STACK_MAX 1024     /* longer argvs reach the client in the environment form */
+#define ARGV_STACK_MAX_S "1024"
+#define CALL_VAR "ARV_WRAP_CALL="   /* the environment form's entry (redirect) */
+#define CALL_VAR_LEN (sizeof CALL_VAR - 1)
 #define PRELOAD_MAX 4096        /* so is an LD_PRELOAD value longer than this */
 #define ARENA_SIZE 8192        /* larger values are used in place */
 
@@ -85,11 +116,9 @@ extern char **environ;
 static struct {
     int active;                 /* 0: every call passes through untouched */
     const char *rules;          /* value of ARV_WRAP_RULES */
-    const char *shim;           /* value of ARV_WRAP_SHIM */
-    size_t shim_len;
+    struct aw_envcfg env;       /* the shim's path (ARV_WRAP_SHIM) and the
+                                   "ARV_WRAP_*=..." entries, for env repair */
     size_t dir_len;             /* of dirname(shim): the client is dir + CLIENT */
-    const char *keep[MAX_KEEP]; /* "ARV_WRAP_*=..." entries */
-    int nkeep;
     /* Copies of the ARV_WRAP_* entries: a process may overwrite its original
      * environment area (setproctitle does), so keep our own.  Last, right
      * after the fields above, so the constructor dirties as few pages as it can. */
@@ -99,233 +128,6 @@ static struct {
 
 #define CLIENT "/arv-wrap-client"
 #define CLIENT_LEN (sizeof CLIENT - 1)
-
-/* ------------------------------------------------------------------ */
-/* string functions and syscalls without libc                           */
-
-/* The shim's own string functions, under libc's names but hidden: every call
- * in the shim and in match.c (and any the compiler emits) binds to these at
- * link time, so the constructor and the exec hooks never go through the PLT.
- * A lazily bound libc call costs a symbol lookup in every process the shim is
- * loaded in, and in every fork child that execs, and writes the GOT page there.
- * The strings involved are short: plain loops do.  (-fno-builtin and
- * -fno-tree-loop-distribute-patterns keep gcc from turning them back into calls.) */
-#define OWN __attribute__((visibility("hidden")))
-
-OWN void *memcpy(void *restrict dst, const void *restrict src, size_t n)
-{
-    unsigned char *d = dst;
-    const unsigned char *s = src;
-    while (n--)
-        *d++ = *s++;
-    return dst;
-}
-
-OWN void *memset(void *dst, int c, size_t n)
-{
-    unsigned char *d = dst;
-    while (n--)
-        *d++ = (unsigned char)c;
-    return dst;
-}
-
-OWN int memcmp(const void *a, const void *b, size_t n)
-{
-    const unsigned char *x = a, *y = b;
-    for (; n; n--, x++, y++)
-        if (*x != *y)
-            return *x - *y;
-    return 0;
-}
-
-OWN size_t strlen(const char *s)
-{
-    const char *p = s;
-    while (*p)
-        p++;
-    return (size_t)(p - s);
-}
-
-OWN size_t strnlen(const char *s, size_t max)
-{
-    size_t n = 0;
-    while (n < max && s[n])
-        n++;
-    return n;
-}
-
-OWN char *strchrnul(const char *s, int c)
-{
-    while (*s && *s != (char)c)
-        s++;
-    return (char *)s;
-}
-
-OWN char *strchr(const char *s, int c)
-{
-    s = strchrnul(s, c);
-    return *s == (char)c ? (char *)s : NULL;
-}
-
-OWN char *strrchr(const char *s, int c)
-{
-    const char *last = NULL;
-    do {
-        if (*s == (char)c)
-            last = s;
-    } while (*s++);
-    return (char *)last;
-}
-
-OWN int strncmp(const char *a, const char *b, size_t n)
-{
-    for (; n; n--, a++, b++)
-        if (*a != *b || !*a)
-            return (unsigned char)*a - (unsigned char)*b;
-    return 0;
-}
-
-OWN int strcmp(const char *a, const char *b)
-{
-    for (; *a == *b && *a; a++, b++)
-        ;
-    return (unsigned char)*a - (unsigned char)*b;
-}
-
-OWN size_t strcspn(const char *s, const char *reject)
-{
-    size_t n = 0;
-    for (; s[n]; n++)
-        for (const char *r = reject; *r; r++)
-            if (s[n] == *r)
-                return n;
-    return n;
-}
-
-/* A raw syscall: the result, or -errno; errno is left alone. */
-static long raw6(long nr, long a, long b, long c, long d, long e, long f)
-{
-#if defined(__x86_64__)
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    long ret;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "0"(nr), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-#elif defined(__aarch64__)
-    register long x8 __asm__("x8") = nr;
-    register long x0 __asm__("x0") = a;
-    register long x1 __asm__("x1") = b;
-    register long x2 __asm__("x2") = c;
-    register long x3 __asm__("x3") = d;
-    register long x4 __asm__("x4") = e;
-    register long x5 __asm__("x5") = f;
-    __asm__ volatile("svc 0"
-                     : "+r"(x0)
-                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4), "r"(x5)
-                     : "memory");
-    return x0;
-#else
-    int save = errno;
-    long ret = syscall(nr, a, b, c, d, e, f);
-    if (ret == -1)
-        ret = -errno;
-    errno = save;
-    return ret;
-#endif
-}
-
-#define RAW(nr, a, b, c, d, e) \
-    raw6((nr), (long)(a), (long)(b), (long)(c), (long)(d), (long)(e), 0)
-
-/* As libc's syscall(): -1 with errno set on failure. */
-static long sys5(long nr, long a, long b, long c, long d, long e)
-{
-    long ret = raw6(nr, a, b, c, d, e, 0);
-    if (ret < 0 && ret > -4096) {
-        errno = (int)-ret;
-        return -1;
-    }
-    return ret;
-}
-
-/* fstatat(2): 0, or -errno; errno is left alone. */
-static int raw_fstatat(int dirfd, const char *path, struct stat *st, int flags)
-{
-#ifdef SYS_newfstatat
-    return (int)RAW(SYS_newfstatat, dirfd, path, st, flags, 0);
-#else
-    int save = errno;
-    int ret = fstatat(dirfd, path, st, flags) == 0 ? 0 : -errno;
-    errno = save;
-    return ret;
-#endif
-}
-
-/* ------------------------------------------------------------------ */
-/* small vfork-safe helpers (string functions and syscalls only)       */
-
-static int starts_with(const char *s, const char *prefix)
-{
-    for (; *prefix; s++, prefix++)
-        if (*s != *prefix)
-            return 0;
-    return 1;
-}
-
-/* Length of an environment entry's name (up to '=' or the end). */
-static size_t name_len(const char *entry)
-{
-    const char *eq = strchr(entry, '=');
-    return eq ? (size_t)(eq - entry) : strlen(entry);
-}
-
-/* Value of NAME in env (first entry wins, as getenv), or NULL. */
-static const char *env_value(char *const *env, const char *name)
-{
-    size_t n = strlen(name);
-    for (; env && *env; env++)
-        if (strncmp(*env, name, n) == 0 && (*env)[n] == '=')
-            return *env + n + 1;
-    return NULL;
-}
-
-static const char *base_name(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    return slash ? slash + 1 : path;
-}
-
-/* Decimal text of n (>= 0), written at the end of buf; returns where it starts. */
-static char *decimal(char *buf, size_t size, long n)
-{
-    char *p = buf + size;
-    *--p = '\0';
-    do {
-        *--p = (char)('0' + n % 10);
-        n /= 10;
-    } while (n && p > buf);
-    return p;
-}
-
-/* Append s to buf[*len], bounded by size; returns -1 when it does not fit. */
-static int append(char *buf, size_t size, size_t *len, const char *s, size_t n)
-{
-    if (*len + n >= size)
-        return -1;
-    memcpy(buf + *len, s, n);
-    *len += n;
-    buf[*len] = '\0';
-    return 0;
-}
-
-static long sys_execve(const char *path, char *const argv[], char *const envp[])
-{
-    return sys5(SYS_execve, (long)path, (long)argv, (long)envp, 0, 0);
-}
 
 /* ------------------------------------------------------------------ */
 /* constructor                                                          */
@@ -349,18 +151,18 @@ __attribute__((constructor)) static void arvwrap_init(void)
             continue;
         if (strcmp(*e, "ARV_WRAP_DISABLE=1") == 0)
             return;
-        if (g.nkeep == MAX_KEEP)
-            continue;
-        const char *kept = g.keep[g.nkeep++] = remember(*e);
+        if (g.env.nkeep == AW_MAX_KEEP || starts_with(*e, CALL_VAR))
+            continue;           /* (a client's own call is never passed on) */
+        const char *kept = g.env.keep[g.env.nkeep++] = remember(*e);
         if (starts_with(kept, "ARV_WRAP_RULES="))
             g.rules = kept + strlen("ARV_WRAP_RULES=");
         else if (starts_with(kept, "ARV_WRAP_SHIM="))
-            g.shim = kept + strlen("ARV_WRAP_SHIM=");
+            g.env.shim = kept + strlen("ARV_WRAP_SHIM=");
     }
-    if (!g.rules || !g.shim || g.shim[0] != '/')
+    if (!g.rules || !g.env.shim || g.env.shim[0] != '/')
         return;
-    g.shim_len = strlen(g.shim);
-    g.dir_len = (size_t)(strrchr(g.shim, '/') - g.shim);
+    g.env.shim_len = strlen(g.env.shim);
+    g.dir_len = (size_t)(strrchr(g.env.shim, '/') - g.env.shim);
     if (g.dir_len + CLIENT_LEN >= PATH_MAX)
         return;
     g.active = 1;
@@ -369,7 +171,7 @@ __attribute__((constructor)) static void arvwrap_init(void)
 /* dirname(shim) + "/arv-wrap-client" into buf[PATH_MAX] (it fits: see above). */
 static char *client_path(char *buf)
 {
-    memcpy(buf, g.shim, g.dir_len);
+    memcpy(buf, g.env.shim, g.dir_len);
     memcpy(buf + g.dir_len, CLIENT, CLIENT_LEN + 1);
     return buf;
 }
@@ -751,36 +553,57 @@ static int decide(const struct call *c, resolve_fn resolve, char *abs, size_t si
     return rule;
 }
 
-/* One line on stderr, with write() only (strerrordesc_np needs no locale). */
-static void warn_client(int err)
+/* One line on stderr, with write() only: "arv-wrap: <a><b>: <c>\n". */
+static void warn3(const char *a, const char *b, const char *c)
 {
-    char line[PATH_MAX + 128];
+    char line[2 * PATH_MAX + 128];
     size_t len = 0;
-    const char *desc = strerrordesc_np(err);
-    char num[16];
 
-    if (!desc)
-        desc = decimal(num, sizeof num, err);
-    append(line, sizeof line, &len, "arv-wrap: cannot run ", 21);
-    char client[PATH_MAX];
-    append(line, sizeof line, &len, client_path(client), g.dir_len + CLIENT_LEN);
+    append(line, sizeof line, &len, "arv-wrap: ", 10);
+    append(line, sizeof line, &len, a, strlen(a));
+    append(line, sizeof line, &len, b, strlen(b));
     append(line, sizeof line, &len, ": ", 2);
-    append(line, sizeof line, &len, desc, strlen(desc));
+    append(line, sizeof line, &len, c, strlen(c));
     append(line, sizeof line, &len, "\n", 1);
     RAW(SYS_write, 2, line, len, 0, 0);
 }
 
-/* Start the client for rule with [client, --shim, rule, abs, argv...]. */
-static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
-                    char *const envp[])
+/* The client could not be started (strerrordesc_np needs no locale). */
+static void warn_client(int err)
 {
-    char num[16];
-    size_t argc = 0;
+    const char *desc = strerrordesc_np(err);
+    char num[16], client[PATH_MAX];
 
-    while (c->argv[argc])
-        argc++;
+    if (!desc)
+        desc = decimal(num, sizeof num, err);
+    warn3("cannot run ", client_path(client), desc);
+}
+
+/* Start the client for rule with envp.  Up to ARGV_STACK_MAX arguments, in the
+ * argv form [client, --shim, rule, abs, argv...]; above that, in the environment
+ * form: the caller's argv as it is, and "ARV_WRAP_CALL=<rule>:<abs>" in front of
+ * envp, which is then a copy with a free slot before it (envp_slot0 + 1 == envp),
+ * so that the stack never holds a copy of a long argv. */
+static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
+                    char *const envp[], char **envp_slot0, size_t argc)
+{
+    char num[16], client[PATH_MAX];
+
+    if (argc > ARGV_STACK_MAX) {
+        if (!envp_slot0)
+            return E2BIG;           /* not reached: intercept falls back first */
+        char call[CALL_VAR_LEN + 16 + PATH_MAX];
+        size_t len = 0;
+        append(call, sizeof call, &len, CALL_VAR, CALL_VAR_LEN);
+        const char *d = decimal(num, sizeof num, rule);
+        append(call, sizeof call, &len, d, strlen(d));
+        append(call, sizeof call, &len, ":", 1);
+        if (append(call, sizeof call, &len, abs, strlen(abs)) < 0)
+            return ENAMETOOLONG;    /* not reached: abs < PATH_MAX */
+        envp_slot0[0] = call;
+        return launch(c, client_path(client), c->argv, envp_slot0);
+    }
     char *argv[argc + 5];
-    char client[PATH_MAX];
     argv[0] = client_path(client);
     argv[1] = (char *)"--shim";
     argv[2] = decimal(num, sizeof num, rule);
@@ -790,148 +613,79 @@ static int redirect(const struct call *c, launch_fn launch, int rule, char *abs,
 }
 
 /* ------------------------------------------------------------------ */
-/* env repair                                                           */
-
-struct envscan {
-    size_t n;                   /* entries */
-    int disabled;               /* ARV_WRAP_DISABLE=1 present */
-    char *const *preload;       /* the first LD_PRELOAD entry, or NULL */
-    int has_shim;               /* ... and it lists the shim */
-    uint32_t missing;           /* bit k: the name of g.keep[k] is absent */
-};
-
-/* Does the LD_PRELOAD value list the shim?  ld.so splits it on ':' and ' '. */
-static int lists_shim(const char *value)
-{
-    for (const char *p = value; *p;) {
-        size_t n = strcspn(p, ": ");
-        if (n == g.shim_len && memcmp(p, g.shim, n) == 0)
-            return 1;
-        p += n;
-        if (*p)
-            p++;
-    }
-    return 0;
-}
-
-static void scan_env(char *const *envp, struct envscan *s)
-{
-    s->n = 0;
-    s->disabled = 0;
-    s->preload = NULL;
-    s->has_shim = 0;
-    s->missing = g.nkeep ? (uint32_t)((1ull << g.nkeep) - 1) : 0;
-    for (char *const *e = envp; *e; e++, s->n++) {
-        if (!s->preload && starts_with(*e, "LD_PRELOAD=")) {
-            s->preload = e;
-            s->has_shim = lists_shim(*e + 11);
-        }
-        if (!starts_with(*e, "ARV_WRAP_"))
-            continue;
-        if (strcmp(*e, "ARV_WRAP_DISABLE=1") == 0)
-            s->disabled = 1;
-        size_t n = name_len(*e);
-        for (int k = 0; k < g.nkeep; k++)
-            if (name_len(g.keep[k]) == n && strncmp(g.keep[k], *e, n) == 0)
-                s->missing &= ~(1u << k);
-    }
-}
-
-/* Bytes needed for the repaired "LD_PRELOAD=..." entry, 0 if none is needed. */
-static size_t preload_size(const struct envscan *s)
-{
-    if (s->has_shim)
-        return 0;
-    return 11 + g.shim_len + 1 + (s->preload ? strlen(*s->preload + 11) : 0) + 1;
-}
-
-/* "LD_PRELOAD=<shim>[:<old value>]" into buf. */
-static char *make_preload(const struct envscan *s, char *buf, size_t size)
-{
-    size_t len = 0;
-    const char *old = s->preload ? *s->preload + 11 : "";
-
-    append(buf, size, &len, "LD_PRELOAD=", 11);
-    append(buf, size, &len, g.shim, g.shim_len);
-    if (*old) {
-        append(buf, size, &len, ":", 1);
-        append(buf, size, &len, old, strlen(old));
-    }
-    return buf;
-}
-
-/* envp with the repairs, into out (s->n + 1 + MAX_KEEP + 1 slots). */
-static char *const *repair_env(char *const *envp, const struct envscan *s, char **out,
-                               char *preload, size_t preload_len)
-{
-    size_t n = 0;
-
-    for (char *const *e = envp; *e; e++)
-        out[n++] = (e == s->preload && preload_len) ? preload : *e;
-    if (!s->preload)
-        out[n++] = preload;
-    for (int k = 0; k < g.nkeep; k++)
-        if (s->missing & (1u << k))
-            out[n++] = (char *)g.keep[k];
-    out[n] = NULL;
-    return out;
-}
-
-/* ------------------------------------------------------------------ */
 /* the core every hook funnels into                                     */
 
-/* The client could not be started (err): run the real call instead.  An exec
- * only comes back on failure, so warn first.  A spawn may have failed for the
- * caller's own file actions or attributes, which fail the tool alike: warn only
- * if the tool then starts, so such a call fails exactly as without arv-wrap. */
+/* The client could not be started (err, or 0 for "argv and envp too large to
+ * redirect within the stack bound"): run the real call instead.  An exec only
+ * comes back on failure, so warn first.  A spawn may have failed for the caller's
+ * own file actions or attributes, which fail the tool alike: warn only if the
+ * tool then starts, so such a call fails exactly as without arv-wrap. */
 static int fall_back(const struct call *c, real_fn real, char *const envp[], int err,
-                     int saved)
+                     int saved, const char *abs)
 {
-    if (!c->spawn) {
-        warn_client(err);
+    int ret = 0;
+    if (c->spawn) {
         errno = saved;
-        return real(c, envp);
+        ret = real(c, envp);
+        if (ret != 0)
+            return ret;
     }
-    errno = saved;
-    int ret = real(c, envp);
-    if (ret == 0)
+    if (err)
         warn_client(err);
-    return ret;
+    else
+        warn3(abs, "", "not redirected (more than " ARGV_STACK_MAX_S " arguments and "
+              ENV_MAX_S " environment entries): running it here");
+    if (c->spawn)
+        return ret;
+    errno = saved;
+    return real(c, envp);
 }
 
 /* errno is read only on the way to a redirect: up to there nothing changes it
- * (raw syscalls only), so a pass-through sees the caller's errno as is. */
+ * (raw syscalls only), so a pass-through sees the caller's errno as is.
+ *
+ * Stack: bounded whatever the size of argv and envp (the hook may run in a vfork
+ * child on the caller's stack): the envp copy holds at most ENV_MAX + AW_MAX_KEEP + 3
+ * pointers and the client's argv at most ARGV_STACK_MAX + 5, the rest is a few
+ * PATH_MAX buffers: under 64 KiB in all (test_huge_argv_small_stack_*). */
 static int intercept(const struct call *c, real_fn real, resolve_fn resolve, launch_fn launch)
 {
-    struct envscan s;
+    struct aw_envscan s;
 
     if (!g.active || !c->file || !c->argv || !c->argv[0] || !c->envp)
         return real(c, c->envp);
-    scan_env(c->envp, &s);
+    aw_scan_env(&g.env, c->envp, &s);
     if (s.disabled)
         return real(c, c->envp);
 
-    size_t pre_len = preload_size(&s);
-    int repair = (pre_len || s.missing) && s.n <= ENV_MAX && pre_len <= PRELOAD_MAX;
-    char *env_buf[repair ? s.n + MAX_KEEP + 2 : 1];
-    char pre_buf[repair && pre_len ? pre_len : 1];
+    size_t argc = 0;
+    while (c->argv[argc])
+        argc++;
+    size_t pre_len = aw_preload_size(&g.env, &s);
+    int repair = (pre_len || s.missing) && pre_len <= PRELOAD_MAX;
+    /* a copy of envp, with a free slot in front for the environment form */
+    int copy = (repair || argc > ARGV_STACK_MAX) && s.n <= ENV_MAX;
+    char *env_buf[copy ? aw_repaired_slots(&g.env, &s) + 1 : 2];
+    char pre_buf[copy && repair && pre_len ? pre_len : 1];
     char *const *envp = c->envp;
-    if (repair) {
-        if (pre_len)
-            make_preload(&s, pre_buf, pre_len);
-        envp = repair_env(c->envp, &s, env_buf, pre_buf, pre_len);
+    if (copy) {
+        if (repair && pre_len)
+            aw_make_preload(&g.env, &s, pre_buf, pre_len);
+        envp = aw_repair_env(&g.env, c->envp, &s, env_buf + 1, pre_buf,
+                             repair ? pre_len : 0);
     }
 
     char abs[PATH_MAX];
     int rule = decide(c, resolve, abs, sizeof abs);
-    if (rule >= 0) {
-        int saved = errno;      /* the real posix_spawn may change it */
-        int err = redirect(c, launch, rule, abs, envp);
-        if (err == 0)
-            return 0;           /* spawned (an exec does not come back) */
-        return fall_back(c, real, envp, err, saved);
-    }
-    return real(c, envp);
+    if (rule < 0)
+        return real(c, envp);
+    int saved = errno;          /* the real posix_spawn may change it */
+    if (argc > ARGV_STACK_MAX && !copy)
+        return fall_back(c, real, envp, 0, saved, abs);
+    int err = redirect(c, launch, rule, abs, envp, copy ? env_buf : NULL, argc);
+    if (err == 0)
+        return 0;               /* spawned (an exec does not come back) */
+    return fall_back(c, real, envp, err, saved, abs);
 }
 
 /* ------------------------------------------------------------------ */
@@ -946,21 +700,25 @@ static int run(const char *file, char *const argv[], char *const envp[], int sea
 
 EXPORT int execve(const char *path, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     return run(path, argv, envp, 0);
 }
 
 EXPORT int execv(const char *path, char *const argv[])
 {
+    HOOK_ENTRY();
     return run(path, argv, environ, 0);
 }
 
 EXPORT int execvp(const char *file, char *const argv[])
 {
+    HOOK_ENTRY();
     return run(file, argv, environ, 1);
 }
 
 EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     return run(file, argv, envp, 1);
 }
 
@@ -1008,21 +766,25 @@ static void collect_args(char **argv, ptrdiff_t argc, const char *arg, va_list *
 
 EXPORT int execl(const char *path, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(path, arg, 0, 0);
 }
 
 EXPORT int execlp(const char *file, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(file, arg, 1, 0);
 }
 
 EXPORT int execle(const char *path, const char *arg, ...)
 {
+    HOOK_ENTRY();
     EXECL_BODY(path, arg, 0, 1);
 }
 
 EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = "", .argv = argv, .envp = envp, .dirfd = fd };
     return intercept(&c, real_fexecve, resolve_fd, launch_exec);
 }
@@ -1030,6 +792,7 @@ EXPORT int fexecve(int fd, char *const argv[], char *const envp[])
 EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const envp[],
                     int flags)
 {
+    HOOK_ENTRY();
     struct call c = { .file = path, .argv = argv, .envp = envp, .dirfd = dirfd,
                       .flags = flags };
     return intercept(&c, real_execveat, resolve_at, launch_exec);
@@ -1038,6 +801,7 @@ EXPORT int execveat(int dirfd, const char *path, char *const argv[], char *const
 EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_actions_t *actions,
                        const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = path, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
                       .actions = actions, .attr = attr };
     return intercept(&c, real_spawn, resolve_path, launch_spawn);
@@ -1046,6 +810,7 @@ EXPORT int posix_spawn(pid_t *pid, const char *path, const posix_spawn_file_acti
 EXPORT int posix_spawnp(pid_t *pid, const char *file, const posix_spawn_file_actions_t *actions,
                         const posix_spawnattr_t *attr, char *const argv[], char *const envp[])
 {
+    HOOK_ENTRY();
     struct call c = { .file = file, .argv = argv, .envp = envp, .spawn = 1, .pid = pid,
                       .actions = actions, .attr = attr };
     return intercept(&c, real_spawnp, resolve_search, launch_spawn);

@@ -6,10 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(gcc make bash coreutils findutils procps)
+# musl: arv-wrap-client is linked with it when present (csrc/native.py says why)
+packages+=(musl-tools)
 # examples/align (tests/test_align.py): the real tools, and javac for its Java driver
 packages+=(bwa samtools bcftools openjdk-17-jdk-headless)
 # tests/test_report.py: the HTML report, loaded in real headless Chromium
 packages+=(chromium)
+# tests/test_fuzz.py: libFuzzer (clang's -fsanitize=fuzzer); tests/test_elf.py: a static
+# busybox and a Go toolchain for real uncatchable callers
+packages+=(clang libclang-rt-14-dev busybox-static golang-go)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

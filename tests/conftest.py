@@ -15,15 +15,27 @@ ON_CI = os.environ.get("CI") == "true"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# tests/test_sanitized.py runs the exec-path and client tests again with this set to
+# a directory of sanitized native programs (csrc/native.py --sanitize).
+SANITIZED = os.environ.get("ARVWRAP_TEST_NATIVE")
+if SANITIZED:
+    paths.NATIVE = SANITIZED
+    paths.SHIM = os.path.join(SANITIZED, "libarvwrap.so")
+    paths.CLIENT = os.path.join(SANITIZED, "arv-wrap-client")
+    paths.HELPER = os.path.join(SANITIZED, "arv-wrap-helper")
+
+
 @pytest.fixture(scope="session")
 def native_programs():
-    """The real client and helper, (re)built from csrc/ when missing or stale (a source
-    checkout being edited); an installed pair is newer than its sources."""
+    """The real shim, client and helper, (re)built from csrc/ when missing or stale (a
+    source checkout being edited); an installed set is newer than its sources."""
+    if SANITIZED:
+        return paths.CLIENT, paths.HELPER
     sys.path.insert(0, os.path.join(ROOT, "csrc"))
     import native
     newest = max(os.path.getmtime(s) for s in native.sources())
     if any(not os.path.exists(p) or os.path.getmtime(p) < newest
-           for p in (paths.CLIENT, paths.HELPER)):
+           for p in (paths.SHIM, paths.CLIENT, paths.HELPER)):
         native.build(paths.NATIVE)
     return paths.CLIENT, paths.HELPER
 
@@ -151,3 +163,49 @@ def whitelist_file(tmp_path):
         path.write_text(text)
         return str(path)
     return write
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs: a real disk that fills (tests run as root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             stderr=subprocess.PIPE, text=True)
+    if mounted.returncode:
+        if ON_CI:
+            pytest.fail(f"cannot mount a tmpfs on CI: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The one-node Slurm of scripts/slurm-cluster.sh, brought up (root) or found up."""
+    need("srun")
+    script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
+    command = "up" if os.geteuid() == 0 else "status"
+    proc = subprocess.run(["bash", script, command], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        if ON_CI:
+            pytest.fail(f"the Slurm cluster is not up: {proc.stdout}{proc.stderr}")
+        pytest.skip("the Slurm cluster is not up and we are not root to start it")
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A dockerd with the test image (scripts/docker-engine.sh, started when root)."""
+    need("dockerd")
+    if os.geteuid() == 0:
+        proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "docker-engine.sh")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        import docker
+        docker.APIClient(version="auto", **docker.utils.kwargs_from_env()).inspect_image(
+            "arvwrap-test-busybox:1")
+    except Exception as e:
+        if ON_CI:
+            pytest.fail(f"the docker engine or its test image is not there: {e}")
+        pytest.skip(f"the docker engine or its test image is not there: {e}")

@@ -255,3 +255,36 @@ def test_align_five_drivers_are_one_pipeline(unwrapped):
     first = results["bash"][2]
     for driver, (_, _, got) in results.items():
         assert got == first, f"{driver} and bash differ"
+
+
+@pytest.mark.parametrize("driver, backend", [("bash", "local"), ("make", "local"),
+                                             ("bash", "slurm")])
+def test_align_second_run_reuses_every_heavy_step_with_identical_outputs(
+        request, driver, backend, base_env, tmp_path):
+    """`arv-wrap --reuse` twice, the output dir removed between: the second run runs
+    none of the heavy steps (each is a job that reused the first run's), and leaves
+    the same files, byte for byte."""
+    prerequisites(request, driver, backend)
+    base_env["ARV_WRAP_LOCAL_CPUS"] = "2"
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    argv = command(driver, None)
+    wrap = ["-w", WHITELIST[driver], "-b", backend, "--reuse", "--"]
+    first = arv_wrap(*wrap, *argv, cwd=cwd, env=base_env, capture_output=True, timeout=300)
+    assert first.returncode == 0, first.stderr.decode()
+    os.rename(cwd / "out", cwd / "first")
+    second = arv_wrap(*wrap, *argv, cwd=cwd, env=base_env, capture_output=True, timeout=300)
+    assert second.returncode == 0, second.stderr.decode()
+    assert summary_lines(second.stdout) == summary_lines(first.stdout) != []
+
+    records = job_records(base_env, backend)
+    ran = {r["id"]: r for r in records if r["reused_from"] is None}
+    reused = [r for r in records if r["reused_from"] is not None]
+    assert calls(ran.values()) == calls(reused) == HEAVY
+    assert all(ran[r["reused_from"]]["argv"] == r["argv"] for r in reused)
+    for root, _, names in os.walk(cwd / "first"):
+        for name in names:
+            before = os.path.join(root, name)
+            after = os.path.join(cwd / "out", os.path.relpath(before, cwd / "first"))
+            with open(before, "rb") as a, open(after, "rb") as b:
+                assert a.read() == b.read(), f"{after} differs from the first run's"

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from arvwrap import paths, protocol
-from conftest import poll as wait_for
+from conftest import ON_CI, poll as wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
@@ -546,8 +546,19 @@ def test_the_client_is_static_where_the_system_allows_and_the_helper_dynamic(cli
     assert interpreter(helper)
     static_libc = subprocess.run(["cc", "-print-file-name=libc.a"], capture_output=True,
                                  text=True).stdout.strip()
-    if os.path.isabs(static_libc):
+    if os.path.isabs(static_libc) or shutil.which("musl-gcc"):
         assert not interpreter(client)
+
+
+def test_the_client_is_linked_with_musl_where_it_is_installed(client):
+    """A static glibc program probes the CPU at every start (about 0.28 ms here:
+    bench/bench_start.py); musl's start does not. The setup installs musl-tools."""
+    if not shutil.which("musl-gcc"):
+        if ON_CI:
+            pytest.fail("musl-gcc is missing on CI (scripts/test-setup.sh installs musl-tools)")
+        pytest.skip("musl-gcc is not installed")
+    with open(client, "rb") as f:
+        assert b"GLIBC_TUNABLES" not in f.read()    # glibc's start reads this variable
 
 
 # -- --relay: the Slurm task on the node ----------------------------------------------

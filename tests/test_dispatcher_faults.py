@@ -357,20 +357,6 @@ def test_a_thousand_calls_in_flight_each_run_once_and_succeed(env, tools, tmp_pa
     assert dispatcher_pids(env) == [pid]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                             stderr=subprocess.PIPE, text=True)
-    if mounted.returncode:
-        if ON_CI:
-            pytest.fail(f"cannot mount a tmpfs on CI: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
-
-
 def activation(env):
     """The variables `arv-wrap env` exports (it writes the run record)."""
     out = arv_wrap("env", env=env, stdout=subprocess.PIPE, check=True).stdout.decode()

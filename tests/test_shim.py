@@ -418,6 +418,17 @@ subprocess.run([{tools.argdump!r}, "b"], env={{"PATH": {path!r}}}, close_fds={vf
         [b"argdump", b"a"], [b(tools.argdump), b"b"], [b(tools.argdump), b"b"]]
 
 
+def test_env_repair_duplicate_ld_preload_the_last_one_counts(progs, tools, make_env, probe,
+                                                              client):
+    """ld.so reads the last LD_PRELOAD entry: an envp whose first entry lists the shim
+    but whose last does not is repaired in the last (found by fuzz/fuzz_env.c)."""
+    env = make_env("1;n:argdump")
+    r = run([progs["exec_env"], "/bin/sh", f"LD_PRELOAD={paths.SHIM}", f"PATH={env['PATH']}",
+             "LD_PRELOAD=", "--", "sh", "-c", "argdump a; :"], env)
+    assert r.returncode == 0, r
+    assert [rec[2:] for rec in probed(probe)] == [[b"argdump", b"a"]]
+
+
 def test_second_preload_kept(progs, tools, make_env):
     other = progs["otherlib"]
     shim = paths.SHIM

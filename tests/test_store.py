@@ -663,3 +663,57 @@ def test_a_state_dir_others_can_enter_is_refused(tmp_path):
         raise AssertionError("a 0755 state dir was accepted")
     except PermissionError:
         pass
+
+
+# -- batches: the dispatcher's rounds --
+
+def job(job_id, **fields):
+    return {"id": job_id, "kind": "job", "argv": ["tiny"], "state": "running", **fields}
+
+
+def test_a_batch_is_seen_by_others_only_once_committed(tmp_path):
+    db = store.Store(str(tmp_path / "s"))
+    other = store.Store(str(tmp_path / "s"))
+    db.insert(job("before"))
+    db.begin_batch()
+    assert not db.pending
+    db.insert(job("A"))
+    db.update("A", state="exited", exit_status=0)
+    db.update("before", state="exited", exit_status=1)
+    assert db.pending and db.get("A")["state"] == "exited"   # its own writes: seen
+    assert other.get("A") is None and other.get("before")["state"] == "running"
+    db.end_batch()
+    assert not db.pending
+    assert other.get("A")["exit_status"] == 0 and other.get("before")["exit_status"] == 1
+    db.insert(job("after"))                                   # no batch: committed at once
+    assert other.get("after") is not None
+    db.close()
+    other.close()
+
+
+def test_a_batch_that_fails_at_its_commit_is_written_one_by_one_and_reports_each_failure(
+        tmp_path, small_tmpfs, caplog):
+    """A real full disk: the records fit SQLite's page cache, so the disk is only
+    found full at the commit. Each write is tried again on its own, each failure
+    goes to that write's on_error, and nothing half-written is left."""
+    state = small_tmpfs / "state"
+    db = store.Store(str(state))
+    db.insert(job("kept"))
+    subprocess.run(["dd", "if=/dev/zero", f"of={small_tmpfs}/filler", "bs=4k"],
+                   stderr=subprocess.DEVNULL)
+    failures = []
+    db.begin_batch()
+    big = ["x" * 4000] * 60           # 240 KB a record: more than the -wal's spare room
+    for n in range(4):
+        db.insert(job(f"J{n}", argv=big), on_error=lambda e, n=n: failures.append((n, str(e))))
+    db.end_batch()
+    assert "failed at commit" in caplog.text
+    assert [n for n, _ in failures] == [0, 1, 2, 3]
+    assert all("full" in e for _, e in failures), failures
+    os.unlink(small_tmpfs / "filler")
+    reader = store.Store(str(state))
+    assert [r["id"] for r in reader.list()] == ["kept"]
+    db.insert(job("later"))           # the store goes on once there is room again
+    assert db.get("later") is not None
+    db.close()
+    reader.close()

@@ -101,10 +101,10 @@ def test_full_schema_from_design(write):
                          "extra": ["--constraint=avx2", "--exclusive"]}
     assert (bwa.env_set, bwa.env_drop) == ({"OMP_NUM_THREADS": "1"}, ["DISPLAY"])
     assert (bwa.backend, bwa.on_backend_error, bwa.on_oversize) == ("slurm", "local", "refuse")
-    assert (bwa.image, bwa.reuse, bwa.nested) == (None, False, False)
+    assert (bwa.image, bwa.reuse, bwa.nested) == (None, None, False)
     assert (gatk.kind, gatk.pattern, gatk.line) == ("path", "/opt/*/bin/gatk", 24)
     assert (gatk.memory, gatk.time, gatk.cpus) == (16 * GiB, 2 * 3600, 1)   # defaults fill in
-    assert (gatk.image, gatk.reuse) == ("broadinstitute/gatk:4.5", True)
+    assert (gatk.image, gatk.reuse) == ("broadinstitute/gatk:4.5", whitelist.Reuse())
     assert gatk.slurm["partition"] == "short"
     assert (bcbio.nested, bcbio.stdin, bcbio.memory) == (True, "none", GiB)
     assert wl.compiled == ("1;p:/opt/*/bin/gatk;"
@@ -119,7 +119,7 @@ def test_settings_have_defaults(write):
     assert (rule.when_subcommand, rule.when_not_flags) == (None, None)
     assert rule.slurm == {"partition": None, "account": None, "qos": None, "extra": []}
     assert (rule.env_set, rule.env_drop, rule.image, rule.reuse, rule.nested) == \
-        ({}, [], None, False, False)
+        ({}, [], None, None, False)
     assert resources(rule, ["x"]) == (1.0, None, None, [])
 
 
@@ -328,6 +328,12 @@ BAD = [
      "tools[0].env.keep: unknown key (known: set, drop)"),
     ("tools:\n  - name: x\n    image: 3\n", 3, 'tools[0].image: expected a string, got 3 (quote it: "3")'),
     ("tools:\n  - name: x\n    reuse: maybe\n", 3, "tools[0].reuse: expected true or false, got 'maybe'"),
+    ("tools:\n  - name: x\n    reuse: {ignor: [-t]}\n", 3,
+     "tools[0].reuse.ignor: unknown key (did you mean ignore? known: ignore, outputs, siblings, env)"),
+    ("tools:\n  - name: x\n    reuse:\n      siblings: [a/.bai]\n", 4,
+     "tools[0].reuse.siblings[0]: a suffix is the end of a file name, without '/': 'a/.bai'"),
+    ("tools:\n  - name: x\n    reuse: [-t]\n", 3,
+     "tools[0].reuse: expected true or false, got a list"),
     ("tools:\n  - name: x\n    nested: 1\n", 3, "tools[0].nested: expected true or false, got 1"),
     ("tools:\n  - name: x\n    nested: !!binary aGVsbG8=\n", 3,
      "tools[0].nested: expected true or false, got aGVsbG8="),
@@ -640,7 +646,6 @@ def test_describe_for_check(write, matcher):
     assert "backend: slurm" in text and "command: bwa mem -t 8 ref.fa" in text
     text = whitelist.describe(wl, [b"gatk"], b"gatk", b"/opt/x/bin/gatk", backend="local", env={})
     assert "backend: local" in text
-    assert all(f"note: {m}" in text for m in whitelist.NOT_BUILT.values())
     text = whitelist.describe(wl, [b"bwa", b"index"], b"bwa", None, env={})
     assert "runs locally" in text and "argv[1] is not one of" in text
 
@@ -671,11 +676,17 @@ def test_choose_backend(write):
     assert whitelist.choose_backend(None, None, {}) == "local"
 
 
-def test_not_built_keys(write):
-    wl = load([write("tools: [{name: a, image: 'x:1', reuse: true}, {name: b, reuse: false}]")])
-    assert set(whitelist.NOT_BUILT) == {"reuse"}
-    assert wl.rules[0].not_built() == [whitelist.NOT_BUILT["reuse"]]   # image: -b docker
-    assert wl.rules[1].not_built() == []
+def test_reuse_spec(write):
+    wl = load([write("tools:\n"
+                     "  - {name: a, reuse: true}\n"
+                     "  - {name: b, reuse: false}\n"
+                     "  - name: c\n"
+                     "    reuse: {ignore: -t, outputs: [-o, --output], siblings: [.bai, .csi],"
+                     " env: [TMPDIR]}\n")])
+    a, b, c = sorted(wl.rules, key=lambda r: r.pattern)
+    assert a.reuse == whitelist.Reuse() and b.reuse is None
+    assert c.reuse == whitelist.Reuse(ignore=("-t",), outputs=("-o", "--output"),
+                                      siblings=(".bai", ".csi"), env=("TMPDIR",))
 
 
 # -- the demo whitelist ----------------------------------------------------------------

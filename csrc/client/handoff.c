@@ -141,6 +141,27 @@ static char **split_env(char *block, size_t len)
     return envp;
 }
 
+/* "fds T1 T2 ...": the descriptors that came with the replies become the tool's
+ * T1, T2, ... (job reuse: pipes the dispatcher copies from, a spooled stdin). */
+static int n_placed, placed_from[READER_FDS], placed_to[READER_FDS];
+
+static void place_fds(const char *arg, struct reader *r)
+{
+    const char *end = arg;
+    n_placed = 0;
+    while (*end && n_placed < r->nfds) {
+        long long target = parse_number(end, 0, 2, &end);
+        if (target < 0)
+            fail("bad reply from the dispatcher: fds ", arg);
+        placed_from[n_placed] = r->fds[n_placed];
+        placed_to[n_placed++] = (int)target;
+        if (*end)
+            end++;
+    }
+    if (*end)
+        fail("bad reply from the dispatcher: fds ", arg, " (too few descriptors)");
+}
+
 struct launch {
     const char *path;
     char **argv, **envp;
@@ -162,6 +183,11 @@ static _Noreturn void exec_tool(struct launch *l)
             close(fd);
         }
     }
+    for (int i = 0; i < n_placed; i++)       /* the sources are >= 10: none is a target */
+        if (dup2(placed_from[i], placed_to[i]) < 0) {
+            l->exec_errno = errno;
+            _exit(127);
+        }
     struct sigaction dfl = {.sa_handler = SIG_DFL};
     for (int i = 0; i < N_CAUGHT; i++)        /* none of our handlers may run in here */
         if (sigismember(&handled, caught[i]))
@@ -212,6 +238,8 @@ static _Noreturn void run_here(struct launch *l, struct reader *r)
         say(l->path, ": ", strerror(err));
         _exit(exec_status(err));
     }
+    for (int i = 0; i < n_placed; i++)        /* the tool has them: our copies would */
+        close(placed_from[i]);                /* keep its pipes open */
     child = pid;
     sigpending(&early);
     send_text("pid %lld\n", pid, 0, 0, 0);
@@ -240,6 +268,8 @@ static void handle_line(const char *line, struct reader *r, const char *resolved
         say(arg);
     } else if ((arg = reply_is(line, "job"))) {
         /* informational */
+    } else if ((arg = reply_is(line, "fds")) && r) {
+        place_fds(arg, r);
     } else if (reply_is(line, "local") && r) {      /* never once the tool ran here */
         exec_in_place(resolved, targv, environ);
     } else if ((arg = reply_is(line, "exit"))) {

@@ -199,6 +199,27 @@ void send_request(int fd, const struct buf *b, const struct fdlist *l)
 /* ---------------------------------------------------------------- replies */
 
 /* Read more into r; 0 at EOF. */
+/* Descriptors sent with a reply (for a "fds" line): kept in arrival order, moved
+ * above the standard ones so that putting them in place cannot clobber another. */
+static void keep_fds(struct reader *r, struct msghdr *msg)
+{
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int n = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            int high = fcntl(fd, F_DUPFD_CLOEXEC, 10);
+            close(fd);
+            if (high >= 0 && r->nfds < READER_FDS)
+                r->fds[r->nfds++] = high;
+            else if (high >= 0)
+                close(high);
+        }
+    }
+}
+
 static int fill(struct reader *r)
 {
     if (r->start) {
@@ -207,7 +228,15 @@ static int fill(struct reader *r)
         r->start = 0;
     }
     for (;;) {
-        ssize_t n = read(r->fd, r->buf + r->len, sizeof r->buf - 1 - r->len);
+        struct iovec iov = {r->buf + r->len, sizeof r->buf - 1 - r->len};
+        union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int) * READER_FDS)]; } control;
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                             .msg_control = &control, .msg_controllen = sizeof control};
+        ssize_t n = recvmsg(r->fd, &msg, MSG_CMSG_CLOEXEC);
+        if (n > 0)
+            keep_fds(r, &msg);
+        else if (n < 0 && errno == ENOTSOCK)    /* a file (the reply fuzzer's memfd) */
+            n = read(r->fd, iov.iov_base, iov.iov_len);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno != ECONNRESET)

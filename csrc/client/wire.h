@@ -23,10 +23,13 @@ void build_request(struct buf *b, const char *idx, const char *resolved, char **
                    const struct fdlist *l);
 void send_request(int fd, const struct buf *b, const struct fdlist *l);
 
-/* Replies: text lines, and a counted block of bytes after a "run" line. */
+/* Replies: text lines, and a counted block of bytes after a "run" line; the
+ * descriptors that came with them, in order (close-on-exec, numbered >= 10). */
+#define READER_FDS 3
 struct reader {
     int fd;
     size_t start, len;
+    int nfds, fds[READER_FDS];
     char buf[65536];
 };
 char *read_line(struct reader *r);           /* NUL-terminated, no newline; NULL at EOF */

@@ -37,6 +37,8 @@ def activation_env(files, rules, options, run_id, env):
     backend = options["backend"] or env.get("ARV_WRAP_BACKEND")
     if backend:
         out["ARV_WRAP_BACKEND"] = backend
+    if options.get("reuse") or options.get("no_reuse"):
+        out["ARV_WRAP_REUSE"] = "0" if options.get("no_reuse") else "1"
     return out
 
 

@@ -9,13 +9,13 @@ from typing import Callable, NamedTuple
 
 from arvwrap import __version__, paths, store, whitelist
 from arvwrap.activation import UsageError
-from arvwrap.commands import checking, records, running, views
+from arvwrap.commands import caching, checking, records, running, views
 
 USAGE = """\
-usage: arv-wrap [-w FILE]... [-b BACKEND] [-v] [--] COMMAND [ARGS...]
+usage: arv-wrap [-w FILE]... [-b BACKEND] [--reuse|--no-reuse] [-v] [--] COMMAND [ARGS...]
        arv-wrap --as-job [-w FILE]... [-b BACKEND] [--cpus N] [-v] -- COMMAND [ARGS...]
-       arv-wrap env [-w FILE]... [-b BACKEND]
-       arv-wrap check [-w FILE]... [-b BACKEND] -- COMMAND [ARGS...]
+       arv-wrap env [-w FILE]... [-b BACKEND] [--reuse|--no-reuse]
+       arv-wrap check [-w FILE]... [-b BACKEND] [--reuse] -- COMMAND [ARGS...]
        arv-wrap jobs [--json] [--tree] [--run ID] [RUN]
        arv-wrap show JOB
        arv-wrap logs JOB [--follow]
@@ -23,7 +23,8 @@ usage: arv-wrap [-w FILE]... [-b BACKEND] [-v] [--] COMMAND [ARGS...]
        arv-wrap top [RUN]
        arv-wrap report [RUN] -o FILE.html
        arv-wrap gc --older-than AGE
-       arv-wrap doctor [-w FILE]... [-b BACKEND]
+       arv-wrap cache ls|stats|clear|gc [--max-size SIZE]
+       arv-wrap doctor [-w FILE]... [-b BACKEND] [-- COMMAND]
        arv-wrap preload-path
        arv-wrap --version
 
@@ -39,6 +40,8 @@ options:
   --as-job              run COMMAND itself as a job (a pipeline: its tools become
                         its child jobs), taking --cpus N (default 0.1 on local, 1
                         on Slurm)
+  --reuse               reuse the results of earlier jobs of the tools whose rule
+                        says reuse (and keep theirs); --no-reuse: neither
   -v, --verbose         one line on stderr as each job starts and ends
   -h, --help            show this help
   --version             show the version
@@ -47,12 +50,12 @@ options:
 # options that take a value, and the key they set
 VALUES = {"-w": "whitelists", "--whitelist": "whitelists", "-b": "backend",
           "--backend": "backend", "--run": "run", "--cpus": "cpus", "-o": "output",
-          "--output": "output", "--older-than": "older_than"}
+          "--output": "output", "--older-than": "older_than", "--max-size": "max_size"}
 FLAGS = {"-h": "help", "--help": "help", "--version": "version", "-v": "verbose",
          "--verbose": "verbose", "--as-job": "as_job", "--json": "json", "--tree": "tree",
-         "--follow": "follow", "-f": "follow"}
+         "--follow": "follow", "-f": "follow", "--reuse": "reuse", "--no-reuse": "no_reuse"}
 RUN_OPTIONS = ("-w", "--whitelist", "-b", "--backend", "--cpus", "-h", "--help", "--version",
-               "-v", "--verbose", "--as-job")
+               "-v", "--verbose", "--as-job", "--reuse", "--no-reuse")
 
 
 class Command(NamedTuple):
@@ -66,10 +69,13 @@ COMMANDS = {
     "env": Command(running.env, "env [-w FILE]... [-b BACKEND]\n\nPrint export lines that "
                    "activate interception for the programs started\nafter them:  "
                    "eval \"$(arv-wrap env -w whitelist.yaml)\"", ("-w", "--whitelist", "-b",
-                                                                  "--backend")),
-    "check": Command(checking.check, "check [-w FILE]... [-b BACKEND] -- COMMAND [ARGS...]\n\n"
-                     "Say, without running anything, whether that exec would be redirected.",
-                     ("-w", "--whitelist", "-b", "--backend"), "command"),
+                                                                  "--backend", "--reuse",
+                                                                  "--no-reuse")),
+    "check": Command(checking.check, "check [-w FILE]... [-b BACKEND] [--reuse] -- COMMAND "
+                     "[ARGS...]\n\nSay, without running anything, whether that exec would be "
+                     "redirected;\n--reuse: and whether an earlier job's result would be reused, "
+                     "or why not.", ("-w", "--whitelist", "-b", "--backend", "--reuse"),
+                     "command"),
     "jobs": Command(records.jobs, "jobs [--json] [--tree] [--run ID] [RUN]\n\nThe runs (with "
                     "counts of their jobs by state); --tree: every job under\nits parent; "
                     "--json: every record, newest first.", ("--json", "--tree", "--run"),
@@ -82,14 +88,19 @@ COMMANDS = {
                       "their backends.", (), "some"),
     "gc": Command(records.gc, "gc --older-than AGE\n\nRemove the records of runs that ended "
                   "more than AGE ago (30d, 12h, 90m).", ("--older-than",)),
+    "cache": Command(caching.cache, "cache ls|stats|clear|gc [--max-size SIZE]\n\nThe "
+                     "results kept for job reuse: list them, their total, remove\nthem all, or "
+                     "the least recently used until they fit SIZE (50G).", ("--max-size",),
+                     "some"),
     "top": Command(views.top, "top [RUN]\n\nA live view of running pipelines (q quits).",
                    (), "some"),
     "report": Command(views.report, "report [RUN] -o FILE.html\n\nOne self-contained HTML "
                       "file: the run's tree, a timeline, what each tool used.",
                       ("-o", "--output"), "some"),
-    "doctor": Command(checking.doctor, "doctor [-w FILE]... [-b BACKEND]\n\nCheck that the "
-                      "shim loads and intercepts, and that the backend answers.",
-                      ("-w", "--whitelist", "-b", "--backend")),
+    "doctor": Command(checking.doctor, "doctor [-w FILE]... [-b BACKEND] [-- COMMAND]\n\n"
+                      "Check that the shim loads and intercepts, and that the backend "
+                      "answers;\nwith COMMAND, also whether the execs it makes can be "
+                      "intercepted.", ("-w", "--whitelist", "-b", "--backend"), "command"),
     "preload-path": Command(checking.preload_path, "preload-path\n\nPrint the absolute path "
                             "of the shim library."),
 }

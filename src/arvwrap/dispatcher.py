@@ -37,6 +37,7 @@ from arvwrap.backends import local
 from arvwrap.jobspec import Job, final_fields, job_environment
 from arvwrap.local_jobs import LocalJobs
 from arvwrap.remote_jobs import RemoteJobs
+from arvwrap.reuse_jobs import ReuseJobs, reuse_enabled
 
 log = logging.getLogger("arvwrap.dispatcher")
 STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
@@ -53,7 +54,7 @@ class RuleCache:
         self._value = None
 
     def get(self, files):
-        key = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+        key = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [os.stat(f)])
         if key != self._key:
             self._value, self._key = whitelist.load(list(files)), key
         return self._value
@@ -77,10 +78,13 @@ class Call:
         self.why_killed = None   # what arv-wrap stopped it for
         self.kill_timer = None
         self.pid_timer = None
-        self.recorded = False    # its record is written
+        self.recorded = False    # its record is written (or waits for the round's commit)
+        self.unrecorded = False  # that commit failed: it ends, and never starts
+        self.capture = None      # job reuse: its streams and outputs, kept as it runs
+        self.tool_status = None  # local: the wait status the client reported
 
 
-class Dispatcher(LocalJobs, RemoteJobs):
+class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
     def __init__(self, sock_path, state_dir, env=os.environ):
         self.sock_path = sock_path
         self.state_dir = state_dir
@@ -100,6 +104,11 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.timers = []           # heap of (when, seq, callback)
         self._seq = itertools.count()
         self.posted = queue.SimpleQueue()   # callbacks from backend threads
+        self.after_commit = []   # what waits for the round's records (replies, starts)
+        self.failed_records = []  # (call, error): its record failed at the round's commit
+        self._cache = self._workers = None   # job reuse, made on first use
+        self.running_keys = {}    # reuse key -> [calls waiting for the job running it]
+        self.key_runners = {}     # reuse key -> id of that job
         self.backend_lock = threading.Lock()
         self.recheck_due = False
         self.next_runs_check = 0.0
@@ -119,12 +128,30 @@ class Dispatcher(LocalJobs, RemoteJobs):
             if self._finished():
                 break
             timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else TICK
-            for key, _ in self.selector.select(timeout):
-                key.data(key.fileobj)
-            self._run_timers()
-            while not self.posted.empty():
-                self.posted.get()()
+            events = self.selector.select(timeout)
+            self.store.begin_batch()
+            try:
+                for key, _ in events:
+                    key.data(key.fileobj)
+                self._run_timers()
+                while not self.posted.empty():
+                    self.posted.get()()
+            finally:
+                self._end_round()
         listener.close()
+
+    def _end_round(self):
+        """Commit the round's records, then send the replies that waited for them: a
+        caller is never told of a start or an end that is not recorded."""
+        self.store.end_batch()
+        failed, self.failed_records = self.failed_records, []
+        for call, _ in failed:      # all marked first: a release below starts none of them
+            call.unrecorded = True
+        for call, error in failed:
+            self._unrecorded(call, error)
+        waiting, self.after_commit = self.after_commit, []
+        for step in waiting:
+            step()
 
     def _finished(self):
         if self.stopping is not None:
@@ -253,33 +280,43 @@ class Dispatcher(LocalJobs, RemoteJobs):
                 self._release(call)
             self._finish(call, "fail internal error in the dispatcher (see dispatcher.log)")
 
-    def _send(self, call, data):
+    def _send(self, call, data, fds=()):
+        """Send now, or after the round's records are committed if it has written
+        some (the reply may tell of them). False if the caller is gone; a reply that
+        waits cannot fail here: the connection's end still reaches the loop.
+        fds go with the first byte, and are closed here once sent."""
+        conn = call.conn
+        if self.store.pending:
+            self.after_commit.append(lambda: self._deliver(conn, data, fds))
+            return True
+        return self._deliver(conn, data, fds)
+
+    @staticmethod
+    def _deliver(conn, data, fds=()):
         """Replies are short and the client reads them at once: one non-blocking send
         nearly always takes the whole; the rest, if any, is sent blocking (bounded)."""
         try:
-            sent = call.conn.send(data)
-            if sent < len(data):
-                call.conn.settimeout(5)
-                try:
-                    call.conn.sendall(data[sent:])
-                finally:
-                    call.conn.setblocking(False)
-            return True
+            sent = socket.send_fds(conn, [data], fds) if fds else conn.send(data)
         except BlockingIOError:
-            return self._send_slowly(call, data)
+            sent = 0
         except OSError:
             return False
-
-    @staticmethod
-    def _send_slowly(call, data):
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if sent == len(data):
+            return True
         try:
-            call.conn.settimeout(5)
-            call.conn.sendall(data)
+            conn.settimeout(5)
+            conn.sendall(data[sent:])
             return True
         except OSError:
             return False
         finally:
-            call.conn.setblocking(False)
+            try:
+                conn.setblocking(False)
+            except OSError:
+                pass
 
     def _finish(self, call, line):
         """The final reply, then the connection closes."""
@@ -290,7 +327,10 @@ class Dispatcher(LocalJobs, RemoteJobs):
     def _close(self, call):
         if call.conn is not None:
             self.selector.unregister(call.conn)
-            call.conn.close()
+            if self.store.pending:      # after the replies that wait for the commit
+                self.after_commit.append(call.conn.close)
+            else:
+                call.conn.close()
             call.conn = None
         if call.job is not None:
             call.job.close()
@@ -298,6 +338,10 @@ class Dispatcher(LocalJobs, RemoteJobs):
         if call.pidfd is not None:
             os.close(call.pidfd)
             call.pidfd = None
+        if call.capture is not None:
+            for fd in call.capture.callers.values():
+                os.close(fd)
+            call.capture.callers = {}
         self.cancel_timer(call.kill_timer)
         self.cancel_timer(call.pid_timer)
         self.calls.discard(call)
@@ -323,10 +367,19 @@ class Dispatcher(LocalJobs, RemoteJobs):
         self.by_job[job.id] = call
         if self.stopping:
             job.cancel(self.stopping)
-        if job.backend == "local":
+        if job.reuse and not self.stopping:
+            self._start_keying(call)
+        else:
+            self._dispatch(call)
+
+    def _dispatch(self, call):
+        """Hand the job to its backend."""
+        if call.job.backend == "local":
             self._submit_local(call)
-        elif self._record(call):
-            self._start_remote(call)
+            return
+        self.capture_remote(call)
+        if self._record(call):      # started once recorded, unless that failed
+            self.when_recorded(lambda: call.conn is not None and self._start_remote(call))
 
     def _record(self, call, **fields):
         """Write the job's record (once, before it may start; later calls update it).
@@ -336,13 +389,29 @@ class Dispatcher(LocalJobs, RemoteJobs):
             if call.recorded:
                 self.store.update(job.id, **fields)
             else:
-                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields})
+                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields},
+                                  on_error=lambda e: self.failed_records.append((call, e)))
                 call.recorded = True
             return True
         except Exception as e:
-            log.error("cannot record job %s: %s", job.id, e)
-            self._finish(call, f"fail cannot record the job in {self.state_dir}: {e}")
+            self._unrecorded(call, e)
             return False
+
+    def _unrecorded(self, call, error):
+        """The job's record could not be written (now, or at the round's commit, before
+        the caller was told anything): it fails, and nothing of it runs."""
+        log.error("cannot record job %s: %s", call.job.id, error)
+        if call.conn is not None:
+            if call.claim:
+                self._release(call)
+            self._finish(call, f"fail cannot record the job in {self.state_dir}: {error}")
+
+    def when_recorded(self, step):
+        """step() once the round's records are committed (now if none wait)."""
+        if self.store.pending:
+            self.after_commit.append(step)
+        else:
+            step()
 
     def build_job(self, request):
         """(Job, warning) for a request, or (None, warning) to run it locally."""
@@ -373,6 +442,7 @@ class Dispatcher(LocalJobs, RemoteJobs):
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
                   rule=rule, options=rule.options, notes=list(notes))
         job.client_pid = request.pid
+        job.reuse = reuse_enabled(env, rule)
         return job, None
 
     def driver_job(self, request, env):
@@ -402,11 +472,19 @@ class Dispatcher(LocalJobs, RemoteJobs):
             return self.backends[name]
 
     def _end(self, call, outcome, **fields):
-        """Record how the job ended and give the caller its final reply."""
+        """Record how the job ended and give the caller its final reply (a job whose
+        result may be kept for reuse first has its captures finished)."""
+        if call.capture is not None and not call.capture.saving:
+            self.finish_capture(call, outcome, fields)
+            return
         self.record_end(call.job, outcome, **fields)
         if outcome.state == "exited" and outcome.message:
             self._send(call, protocol.encode_line(f"warn {outcome.message}"))
-        self._finish(call, protocol.final_reply(outcome))
+        reply = protocol.final_reply(outcome)
+        if reply == protocol.status_reply(call.tool_status):
+            self._close(call)       # the client ends as its tool did: one message less
+        else:
+            self._finish(call, reply)
 
     def record_end(self, job, outcome, **fields):
         """The job's final record fields; a state dir that cannot take them costs the

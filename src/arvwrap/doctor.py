@@ -1,19 +1,22 @@
 """`arv-wrap doctor`: check each link of the chain and say which one is broken."""
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-from arvwrap import paths, whitelist
+from arvwrap import elf, paths, whitelist
 
 PROBE_RULES = "1;n:true"
 
 
-def run(options):
+def run(options, command=()):
     checks = [check_files, check_interception, lambda: check_rules(options),
               lambda: check_backend(options), lambda: backend_checks(options),
               lambda: check_round_trip(options)]
+    if command:
+        checks.insert(2, lambda: check_caller(command[0]))
     failed = 0
     for check in checks:
         results = check()
@@ -21,6 +24,18 @@ def run(options):
             print(f"{'ok  ' if ok else 'FAIL'}  {text}")
             failed += not ok
     return 1 if failed else 0
+
+
+def check_caller(program):
+    """Can the execs COMMAND makes be intercepted?  One FAIL line per reason not."""
+    path = shutil.which(program) if "/" not in program else program
+    if not path or not os.path.exists(path):
+        return False, f"{program}: not found"
+    path = os.path.abspath(path)
+    reasons = elf.not_intercepted(path)
+    if not reasons:
+        return True, f"{path}: the programs it execs can be intercepted"
+    return [(False, line) for line in reasons]
 
 
 def backend_name(options):
@@ -161,4 +176,4 @@ def check_round_trip(options):
 
 
 if __name__ == "__main__":
-    sys.exit(run({"whitelists": [], "backend": None}))
+    sys.exit(run({"whitelists": [], "backend": None}, sys.argv[1:]))

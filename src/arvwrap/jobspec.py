@@ -89,6 +89,7 @@ class Job:
     rule: object = None
     options: dict = field(default_factory=dict)   # backend name -> its whitelist block
     notes: list = field(default_factory=list)
+    reuse: bool = False          # its result may be reused, and kept (arvwrap.reuse_jobs)
 
     def __post_init__(self):
         self._lock = threading.Lock()

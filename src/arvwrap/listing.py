@@ -141,7 +141,8 @@ def tree(records, root=None):
 
 FIELDS = ("id", "kind", "run", "parent", "state", "exit_status", "signal", "backend",
           "backend_id", "host", "cwd", "created", "started", "ended", "queued_seconds",
-          "cpus", "memory", "time_limit", "cpu_seconds", "max_rss", "rule", "reason")
+          "cpus", "memory", "time_limit", "cpu_seconds", "max_rss", "rule", "reused_from",
+          "reason")
 
 
 def show(record, records, log_tail=None):

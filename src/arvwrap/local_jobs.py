@@ -52,12 +52,17 @@ class LocalJobs:
     def _launch(self, call):
         """Tell the client to start the tool: it was admitted."""
         job = call.job
+        if call.unrecorded:
+            return
         if call.state == "queued":           # admitted after waiting: its record says so
             try:
                 self.store.update(job.id, **self._running(call))
             except Exception as e:
                 log.error("cannot record the start of job %s: %s", job.id, e)
         call.state = "starting"
+        placed = self.capture_fds(call)
+        if placed:
+            self._send(call, *placed)
         if not self._send(call, protocol.run_message(job.env, job.stdin == "none")):
             self._caller_gone(call)
 
@@ -104,6 +109,7 @@ class LocalJobs:
         if call.state not in ("starting", "running"):
             return
         self._release(call)
+        call.tool_status = done.status
         status = os.waitstatus_to_exitcode(done.status)
         outcome = local.outcome_of(status, call.job, call.why_killed)
         self.cancel_timer(call.pid_timer)

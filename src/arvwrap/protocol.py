@@ -308,7 +308,9 @@ class Incoming:
             return None
         length = parse_header(self.header)
         self.payload = bytearray(length)
-        return ("request", parse_payload(b"", self.fds)) if length == 0 else None
+        if length == 0:
+            return "request", parse_payload(b"", self.fds)
+        return self._feed()       # the payload is usually there already: no second wake
 
     def _cancel(self):
         if b"\n" not in self.header:
@@ -386,6 +388,16 @@ def run_message(env: Dict[bytes, bytes], stdin_none: bool = False) -> bytes:
     block = b"".join(name + b"=" + value + b"\0" for name, value in env.items())
     flags = b" stdin-none" if stdin_none else b""
     return b"run %d%s\n" % (len(block), flags) + block
+
+
+def status_reply(status) -> Optional[str]:
+    """The final reply a wait status implies: what a client that reported it does on
+    its own when the connection closes after "done" (None for no status)."""
+    if status is None:
+        return None
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else None
 
 
 def final_reply(outcome) -> str:

@@ -11,6 +11,7 @@ the others wait and then see the new version.
 """
 import datetime
 import json
+import logging
 import os
 import random
 import re
@@ -22,6 +23,8 @@ import threading
 import time
 
 from arvwrap import paths
+
+log = logging.getLogger("arvwrap.store")
 
 STATES = ("queued", "running", "exited", "signaled", "cancelled", "failed")
 FINAL_STATES = ("exited", "signaled", "cancelled", "failed")
@@ -99,7 +102,8 @@ def _stamp(moment):
 
 def now():
     """ISO 8601 UTC with milliseconds."""
-    return _stamp(datetime.datetime.now(datetime.timezone.utc))
+    seconds, fraction = divmod(time.time(), 1)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(fraction * 1000):03d}Z"
 
 
 def text(raw):
@@ -198,6 +202,7 @@ class Store:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "jobs.sqlite")
         self._lock = threading.Lock()
+        self._batch = None      # see begin_batch
         self._open()
 
     # -- opening and migrating ----------------------------------------------------
@@ -290,12 +295,73 @@ class Store:
 
     # -- records ------------------------------------------------------------------
 
-    def _write(self, sql, params):
+    def _write(self, sql, params, on_error=None):
         with self._lock:
-            db = self._current()
-            _retry(lambda: db.execute(sql, params))
+            if self._batch is None:
+                db = self._current()
+                _retry(lambda: db.execute(sql, params))
+                return
+            if not self._db.in_transaction:      # the batch's first write begins it
+                db = self._current()
+                _retry(lambda: db.execute("BEGIN IMMEDIATE"))
+            try:
+                self._db.execute(sql, params)    # no busy wait: we hold the write lock
+            except sqlite3.Error:
+                if not self._db.in_transaction:  # SQLite rolled the whole batch back
+                    self._replay()
+                raise
+            self._batch.append((sql, params, on_error))
 
-    def insert(self, record):
+    # -- batches: many writes, one commit -------------------------------------------
+
+    def begin_batch(self):
+        """Writes from now until end_batch share one transaction, begun by the first:
+        the dispatcher's loop writes each round's records with one commit instead of
+        one each. The writer must not act on a batched write (tell a caller) before
+        end_batch: a write that fails at the commit is reported only then."""
+        with self._lock:
+            self._batch = []
+            self._failed = []
+
+    @property
+    def pending(self):
+        """Whether the open batch holds writes not yet committed."""
+        return bool(self._batch)
+
+    def end_batch(self):
+        """Commit the batch. Should the commit fail, each of its writes is tried again
+        on its own, and those that fail again go to their on_error (or the log)."""
+        with self._lock:
+            batch, self._batch = self._batch, None
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as e:
+                    log.warning("a batch of %d record writes failed at commit (%s); "
+                                "writing them one by one", len(batch), e)
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    self._batch = batch
+                    self._replay()
+                    self._batch = None
+            failed, self._failed = self._failed, []
+        for on_error, error in failed:
+            if on_error is None:
+                log.error("cannot write a record: %s", error)
+            else:
+                on_error(error)
+
+    def _replay(self):
+        """The batch's writes again, each its own transaction (with the lock held):
+        its transaction was rolled back."""
+        for sql, params, on_error in self._batch:
+            try:
+                _retry(lambda: self._db.execute(sql, params))
+            except sqlite3.Error as e:
+                self._failed.append((on_error, e))
+        self._batch = []
+
+    def insert(self, record, on_error=None):
         record = dict(record)
         record.setdefault("created", now())
         record.setdefault("host", socket.gethostname())
@@ -305,15 +371,15 @@ class Store:
         names = [name for name in record if name in COLUMNS]
         sql = (f"INSERT INTO jobs ({', '.join(names)}) "
                f"VALUES ({', '.join('?' for _ in names)})")
-        self._write(sql, [_storable(record[name]) for name in names])
+        self._write(sql, [_storable(record[name]) for name in names], on_error)
 
-    def update(self, job_id, **fields):
+    def update(self, job_id, on_error=None, **fields):
         unknown = set(fields) - set(COLUMNS)
         if unknown:
             raise KeyError(f"unknown record fields: {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
         self._write(f"UPDATE jobs SET {assignments} WHERE id = ?",
-                    [*map(_storable, fields.values()), job_id])
+                    [*map(_storable, fields.values()), job_id], on_error)
 
     def orphans(self, alive):
         """Ids of this host's unfinished jobs whose dispatcher is gone (alive(pid) is

@@ -26,10 +26,6 @@ DEFAULT_BACKEND = "local"
 RULES_VERSION = "1"
 STDIN_MODES = ("auto", "pass", "none")
 
-NOT_BUILT = {
-    "reuse": "reuse is accepted but has no effect yet (job reuse arrives later)",
-}
-
 # Printed by the caller after "arv-wrap: ", which then exits 2.
 NO_WHITELIST_MESSAGE = (
     "no whitelist: name one with -w FILE (repeatable), or set "
@@ -48,6 +44,15 @@ def __getattr__(name):
 
 
 # -- the rules ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reuse:
+    """What a tool's `reuse:` says (arvwrap.reuse reads it)."""
+    ignore: tuple = ()      # flags, with their value, that do not change the result
+    outputs: tuple = ()     # flags whose value names an output, existing or not
+    siblings: tuple = ()    # suffixes: a file named in argv + one of them is an output
+    env: tuple = ()         # variables, besides the defaults, that cannot matter
+
 
 @dataclass
 class Rule:
@@ -69,7 +74,7 @@ class Rule:
     env_set: dict = field(default_factory=dict)
     env_drop: list = field(default_factory=list)
     image: Optional[str] = None
-    reuse: bool = False
+    reuse: Optional[Reuse] = None               # job reuse, when the tool opts in
     nested: bool = False
     backend: Optional[str] = None               # the file's backend, if it names one
     on_backend_error: str = "fail"
@@ -86,11 +91,6 @@ class Rule:
             raise AttributeError(name)
         options = self.options.get(name)
         return dataclasses.asdict(options if options is not None else cls())
-
-    def not_built(self) -> list:
-        """NOT_BUILT messages for the keys this rule uses."""
-        used = {"reuse": self.reuse}
-        return [NOT_BUILT[key] for key, on in used.items() if on]
 
 
 class Whitelist:
@@ -480,6 +480,27 @@ def _path_pattern(node, path):
     return glob
 
 
+def _suffix(node, path):
+    suffix = _string(node, path, "a file name suffix")
+    if "/" in suffix or not suffix.strip():
+        raise _Invalid(node, path, f"a suffix is the end of a file name, without '/': {suffix!r}")
+    return suffix
+
+
+_REUSE = _mapping({"ignore": _list_of(_flag, single_ok=True),
+                   "outputs": _list_of(_flag, single_ok=True),
+                   "siblings": _list_of(_suffix, single_ok=True),
+                   "env": _list_of(_env_name, single_ok=True)},
+                  "true, false, or a mapping of ignore, outputs, siblings, env")
+
+
+def _reuse(node, path):
+    if isinstance(node, MappingNode):
+        spec = _REUSE(node, path)
+        return Reuse(**{key: tuple(value) for key, value in spec.items()})
+    return Reuse() if _boolean(node, path) else None
+
+
 _RESOURCES = {"cpus": _cpus, "memory": _memory, "time": _time}
 _WHEN = {
     "subcommand": _list_of(_string, single_ok=True),
@@ -553,7 +574,7 @@ _TOOL = _WithBlocks({
     "stdin": _choice(*STDIN_MODES),
     "env": _mapping({"set": _env_set, "drop": _list_of(_env_name)}),
     "image": _string,
-    "reuse": _boolean,
+    "reuse": _reuse,
     "nested": _boolean,
 }, before="env")
 
@@ -653,7 +674,7 @@ def _rule(path: str, settings: _Fields, tool: _Fields) -> Rule:
         stdin=tool.get("stdin", "auto"),
         options=_options(settings, tool),
         env_set=dict(env.get("set", {})), env_drop=list(env.get("drop", [])),
-        image=tool.get("image"), reuse=tool.get("reuse", False), nested=tool.get("nested", False),
+        image=tool.get("image"), reuse=tool.get("reuse"), nested=tool.get("nested", False),
         backend=settings.get("backend"),
         on_backend_error=settings.get("on_backend_error", "fail"),
         on_oversize=settings.get("on_oversize", "clamp"),
@@ -799,5 +820,5 @@ def describe(whitelist: Whitelist, argv, name=None, path=None, backend=None,
     if rule.env_set or rule.env_drop:
         lines.append("env: " + " ".join([f"{k}={v}" for k, v in rule.env_set.items()]
                                         + [f"-{k}" for k in rule.env_drop]))
-    lines += [f"note: {n}" for n in notes + rule.not_built()]
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)

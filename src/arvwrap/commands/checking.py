@@ -3,7 +3,7 @@ import math
 import os
 import shutil
 
-from arvwrap import backends, paths, whitelist
+from arvwrap import backends, elf, paths, whitelist
 from arvwrap.backends.base import DESCRIPTOR_ARG
 from arvwrap.activation import UsageError, load_rules
 
@@ -28,6 +28,12 @@ def check(options, command):
     if rule and path:
         for line in backends.process_state(whitelist.choose_backend(rule, backend, env)):
             print(f"process state: {line}")
+    if rule and path and options.get("reuse"):
+        from arvwrap.commands.caching import check_reuse
+        print("\n".join(check_reuse(rule, argv_b, path, env)))
+    if resolved:
+        for line in elf.not_intercepted(os.path.abspath(resolved)):
+            print(f"not intercepted: {line}")
     return 0
 
 
@@ -65,9 +71,9 @@ def oversize_note(rule, argv, backend, env):
     return f"larger than the {name} backend offers ({', '.join(over)}): {action} (on_oversize)"
 
 
-def doctor(options, _words):
+def doctor(options, words):
     from arvwrap import doctor as checks
-    return checks.run(options)
+    return checks.run(options, words)
 
 
 def preload_path(_options, _words):

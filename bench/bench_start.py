@@ -1,0 +1,68 @@
+"""What starting a tiny static program costs here, by how it is linked.
+
+arv-wrap-client is exec'd once per redirected call, so its start is on every
+call's path. This builds the same empty main() four ways (static with glibc,
+static with musl when musl-gcc is installed, dynamic with glibc, and a _start
+that only calls exit, which no libc initialises) and times fork+exec+wait of each
+with spawn_loop, then the installed client itself, in its probe mode
+(ARV_WRAP_PROBE=/dev/null: it reads its request and exits 0, contacting no
+dispatcher). Medians of --n runs; nothing is asserted.
+
+    python bench/bench_start.py [--n 2000]
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from arvwrap import paths  # noqa: E402
+
+EMPTY_MAIN = "int main(void) { return 0; }\n"
+BARE_START = ('void _start(void) { __asm__ volatile('
+              '"mov $60, %eax\\n xor %edi, %edi\\n syscall"); }\n')
+
+
+def variants(tmp):
+    """{label: program path} of what could be built here."""
+    main_c, start_c = os.path.join(tmp, "main.c"), os.path.join(tmp, "start.c")
+    with open(main_c, "w") as f:
+        f.write(EMPTY_MAIN)
+    with open(start_c, "w") as f:
+        f.write(BARE_START)
+    recipes = {"no libc (bare _start)": ["cc", "-O2", "-static", "-nostdlib", start_c],
+               "static, glibc": ["cc", "-O2", "-static", main_c],
+               "dynamic, glibc": ["cc", "-O2", main_c]}
+    if shutil.which("musl-gcc"):
+        recipes["static, musl"] = ["musl-gcc", "-O2", "-static", main_c]
+    built = {}
+    for label, command in recipes.items():
+        out = os.path.join(tmp, label.split()[0].strip(",") + str(len(built)))
+        if subprocess.run(command + ["-o", out], stderr=subprocess.DEVNULL).returncode == 0:
+            built[label] = out
+    return built
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=2000)
+    args = parser.parse_args()
+    if not os.path.isfile(paths.CLIENT):
+        common.refuse(f"{paths.CLIENT} does not exist (python setup.py build_ext --inplace)")
+    with common.tmpdir() as tmp:
+        loop, _ = common.build(tmp)
+        client = [paths.CLIENT, "--shim", "0", "/bin/true", "true"]
+        programs = {**{k: [v] for k, v in variants(tmp).items()},
+                    "arv-wrap-client, probe mode": client}
+        env = {"PATH": os.environ["PATH"], "ARV_WRAP_PROBE": "/dev/null"}
+        print(f"fork+exec+wait of an empty program, median of {args.n}")
+        for label, argv in programs.items():
+            seconds = common.median(common.spawn_loop(loop, args.n, argv, env))
+            print(f"  {label:28} {seconds * 1e6:7.0f} us")
+
+
+if __name__ == "__main__":
+    main()
