@@ -339,6 +339,8 @@ def _choice(*choices):
 
 def _backend(node, path):
     name = _string(node, path, "a backend name")
+    if name in backends.KNOWN:         # no need to read the installed ones
+        return name
     known = backends.names()
     if name not in known:
         raise _Invalid(node, path, f"unknown backend {name!r} (known: {', '.join(known)})")
