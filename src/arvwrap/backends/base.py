@@ -30,6 +30,10 @@ What a backend declares (class attributes, read without building it)
 
 What a backend does (methods)
 -----------------------------
+``__init__(config, state_dir)``  built once per dispatcher (config: its Settings, or a
+                         dict of them given in place of the environment's; state_dir:
+                         the dispatcher's, for logs and spools); raise BackendError
+                         if it cannot take jobs at all
 ``check() -> str``       one line saying that it answers and what it offers (doctor);
                          raise BackendError when it cannot answer
 ``largest() -> (cpus, memory bytes)``   the most one job can get
