@@ -50,6 +50,35 @@ def helper(native_programs):
     return native_programs[1]
 
 
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The one-node cluster of scripts/slurm-cluster.sh, brought up if it is not."""
+    need("srun")
+    script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
+    if subprocess.run(["bash", script, "status"], capture_output=True,
+                      timeout=60).returncode != 0:
+        proc = subprocess.run(["bash", script, "up"], capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def slurm_relay(slurm_id):
+    """(pid, environment) of the relay that runs Slurm job slurm_id on this host (the
+    one-node cluster's node), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:2] == [b"--relay"] and f"SLURM_JOB_ID={slurm_id}".encode() in environ:
+            return int(pid), dict(e.decode(errors="replace").partition("=")[::2]
+                                  for e in environ if e)
+    return None
+
+
 def need(program):
     """Skip a test whose real component is missing, except on CI where that is a failure."""
     if shutil.which(program) is None:

@@ -191,3 +191,18 @@ def test_check_says_whether_a_call_would_be_reused_and_why_not(local_env, tmp_pa
     assert f"reuse: yes, the result of job {job}" in check("-o", "out.txt", "in.txt")
     text = check("-o", "elsewhere.txt", "in.txt")
     assert f"the nearest kept job, {job}, differs in:" in text and "argv 2" in text
+
+
+def test_a_secret_in_argv_is_not_kept_in_the_cache(local_env, tmp_path):
+    """The key is made of the real words; what the cache keeps to explain a miss
+    has the secret out (README, Security)."""
+    secret = "hunter2-is-the-password"
+    assert call(local_env, tmp_path, "-o", "out.txt", "in.txt", f"--password={secret}"
+                ).returncode == 0
+    assert call(local_env, tmp_path, "-o", "out.txt", "in.txt", "--password=other-secret"
+                ).returncode == 0
+    assert runs(tmp_path) == 2                  # another password: another key
+    for root, _, names in os.walk(local_env["ARV_WRAP_STATE_DIR"]):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert secret.encode() not in f.read(), os.path.join(root, name)

@@ -233,9 +233,9 @@ BAD = [
      "on_backend_error: expected one of fail, local, got 'retry'"),
     ("on_oversize: clip\n", 1, "on_oversize: expected one of clamp, refuse, got 'clip'"),
     ("color: red\n", 1, "color: unknown key (known: backend, on_backend_error, on_oversize, "
-                        "defaults, slurm, tools)"),
+                        "defaults, slurm, tools, redact)"),
     ("tool: []\n", 1, "tool: unknown key (did you mean tools? known: backend, "
-                      "on_backend_error, on_oversize, defaults, slurm, tools)"),
+                      "on_backend_error, on_oversize, defaults, slurm, tools, redact)"),
     ("- name: x\n", 1, "top level: expected a mapping of whitelist settings "
                        "(backend:, defaults:, tools:, ...), got a list"),
     ("defaults:\n  cpus: 0\n", 2, "defaults.cpus: expected a number > 0 or {flag, default}, got 0"),

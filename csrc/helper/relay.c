@@ -61,22 +61,40 @@ static _Noreturn void relay_fail(int status, const char *a, const char *b, const
     _exit(status);
 }
 
-static int connect_retrying(int s, const struct sockaddr *addr, socklen_t len)
+/* connect(), given at most ARV_WRAP_SLURM_CONNECT_TIMEOUT seconds (default 20): a
+ * submit host whose port the node cannot reach (a firewall that drops the packets)
+ * is then one clear failure, not a job that hangs for the kernel's SYN retries. */
+static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len)
 {
-    if (connect(s, addr, len) == 0)
-        return 0;
-    if (errno != EINTR && errno != EINPROGRESS)
+    const char *t = getenv("ARV_WRAP_SLURM_CONNECT_TIMEOUT");
+    long ms = t && *t ? strtol(t, NULL, 10) * 1000 : 20000;
+    if (ms <= 0)
+        ms = 20000;
+    int flags = fcntl(s, F_GETFL);
+    if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
-    struct pollfd p = {s, POLLOUT, 0};      /* interrupted: the connect goes on; wait for it */
-    while (poll(&p, 1, -1) < 0)
-        if (errno != EINTR)
+    if (connect(s, addr, len) < 0) {
+        if (errno != EINTR && errno != EINPROGRESS)
             return -1;
-    int err = 0;
-    socklen_t el = sizeof err;
-    if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
-        return -1;
-    errno = err;
-    return err ? -1 : 0;
+        struct pollfd p = {s, POLLOUT, 0};
+        int r;
+        while ((r = poll(&p, 1, (int)ms)) < 0)   /* EINTR: restart (bounded enough) */
+            if (errno != EINTR)
+                return -1;
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
+            return -1;
+        if (err) {
+            errno = err;
+            return -1;
+        }
+    }
+    return fcntl(s, F_SETFL, flags);
 }
 
 /* Connect a stream to the dispatcher, send "<kind><token>\n", make it fd target. */
@@ -91,7 +109,7 @@ static void relay_stream(const char *host, const char *port, char kind, const ch
     int s = -1, err = 0;
     for (ai = res; ai; ai = ai->ai_next) {
         s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-        if (s >= 0 && connect_retrying(s, ai->ai_addr, ai->ai_addrlen) == 0)
+        if (s >= 0 && connect_bounded(s, ai->ai_addr, ai->ai_addrlen) == 0)
             break;
         err = errno;
         if (s >= 0)

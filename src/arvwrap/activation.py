@@ -6,7 +6,7 @@ and by `doctor`, which starts a run of its own to test the chain.
 import os
 import sys
 
-from arvwrap import paths, store, whitelist
+from arvwrap import paths, redact, store, whitelist
 
 
 class UsageError(Exception):
@@ -42,12 +42,14 @@ def activation_env(files, rules, options, run_id, env):
     return out
 
 
-def new_run(argv, options, env, **fields):
-    """A top-level record for a run; (store, its id)."""
+def new_run(argv, options, env, redact_globs=(), **fields):
+    """A top-level record for a run; (store, its id). Its argv is recorded without
+    the secrets it gives (arvwrap.redact)."""
+    secrets = redact.Redactor(redact.patterns_from(env, redact_globs), env)
     db = store.Store(paths.state_dir(env))
     run_id = store.new_id()
     db.insert({"id": run_id, "run": run_id, "parent": None, "kind": "run",
-               "argv": [os.fsencode(a) for a in argv], "cwd": os.getcwd(),
+               "argv": secrets.argv(argv), "cwd": os.getcwd(),
                "backend": options["backend"] or env.get("ARV_WRAP_BACKEND") or "local",
                "state": "running", "started": store.now(), "cpus": 0, "memory": 0, **fields})
     return db, run_id

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from arvwrap import backends, paths, protocol, runs, store, whitelist
+from arvwrap import backends, paths, protocol, redact, runs, store, whitelist
 from arvwrap.backends import local
 from arvwrap.jobspec import Job, final_fields, job_environment
 from arvwrap.local_jobs import LocalJobs
@@ -43,7 +43,21 @@ log = logging.getLogger("arvwrap.dispatcher")
 STOP_GRACE = 30.0       # s a stopping dispatcher waits for its cancelled jobs to end
 REQUEST_TIMEOUT = 30.0  # s a connection may take to send its whole request
 TICK = 1.0              # s between idle and stale-request checks
+CLEANUP_GRACE = 600.0   # s an idle dispatcher stays for jobs a backend must still cancel
 RUNS_CHECK = 5.0        # s between checks for `arv-wrap env` runs whose shell is gone
+# the dispatcher's log never shows a secret value of a call it served (nor NAME=VALUE
+# of a secret NAME): every job's secrets join this one
+LOG_REDACTOR = redact.Redactor(redact.patterns_from())
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record):
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = record.exc_text = None
+        record.msg, record.args = LOG_REDACTOR.text(text), ()
+        return True
 
 
 class RuleCache:
@@ -112,6 +126,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         self.backend_lock = threading.Lock()
         self.recheck_due = False
         self.next_runs_check = 0.0
+        self.log_redactor = LOG_REDACTOR
 
     # -- the loop --
     def serve(self, listener):
@@ -213,12 +228,21 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                 runs.close_ended(self.store)
             except Exception:
                 log.exception("checking the runs of `arv-wrap env`")
+        idle = now - self.last_activity
         if (not self.leaving and self.stopping is None and not self.calls
-                and now - self.last_activity > self.idle_timeout):
+                and idle > self.idle_timeout
+                and (idle > self.idle_timeout + CLEANUP_GRACE or not self._cleaning())):
             log.info("idle for %gs: leaving", self.idle_timeout)
             self.leaving = True
             self._unlink()
         self.after(TICK, self._tick)
+
+    def _cleaning(self):
+        """A backend still has jobs to cancel on its scheduler (one whose controller
+        was away when they ended)."""
+        with self.backend_lock:
+            loaded = list(self.backends.values())
+        return any(getattr(b, "cleaning", lambda: False)() for b in loaded)
 
     def _unlink(self):
         """Remove the socket if it is still ours: new clients start a new dispatcher.
@@ -386,6 +410,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         False, after telling the caller, when the state dir cannot take it."""
         job = call.job
         try:
+            if "reason" in fields:
+                fields["reason"] = job.redactor.text(fields["reason"])
             if call.recorded:
                 self.store.update(job.id, **fields)
             else:
@@ -428,6 +454,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         if rule is None:
             return None, None
         cpus, memory, time_limit, notes = whitelist.resources(rule, request.argv)
+        secrets = self.redactor(env, rules, request.argv)
         job_id = store.new_id()
         run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
         parent = os.fsdecode(env.get(b"ARV_WRAP_JOB", b"")) or run
@@ -440,10 +467,20 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                   cwd_fd=request.cwd_fd, cpus=cpus, memory=memory, time_limit=time_limit,
                   stdin=rule.stdin, nested=rule.nested, backend=backend,
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
-                  rule=rule, options=rule.options, notes=list(notes))
+                  rule=rule, options=rule.options, notes=list(notes), redactor=secrets)
         job.client_pid = request.pid
         job.reuse = reuse_enabled(env, rule)
         return job, None
+
+    def redactor(self, env, rules, argv):
+        """What the records and the log must not show of this call's secrets: the
+        values of its secret variables (names as the whitelists' `redact:` and the
+        caller's ARV_WRAP_REDACT add to the defaults)."""
+        secrets = redact.Redactor(redact.patterns_from(env, rules.redact if rules else ()), env)
+        secrets.argv(argv)                   # and those its argv gives (--password=...)
+        if len(self.log_redactor.values) < 10000:
+            self.log_redactor.values |= secrets.values
+        return secrets
 
     def driver_job(self, request, env):
         """`arv-wrap --as-job`: the command itself is the job, a pipeline whose tools
@@ -461,7 +498,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                   ignored_signals=request.ignored_signals,
                   blocked_signals=request.blocked_signals, fds=request.fds,
                   cwd_fd=request.cwd_fd, cpus=cpus, stdin="auto", nested=True,
-                  backend=backend)
+                  backend=backend, redactor=self.redactor(env, None, request.argv))
         job.client_pid = request.pid
         return job
 
@@ -491,7 +528,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         record, not the caller's answer."""
         reasons = [*job.notes, outcome.reason] if outcome.reason else job.notes
         try:
-            self.store.update(job.id, reason="; ".join(r for r in reasons if r) or None,
+            self.store.update(job.id,
+                              reason=job.redactor.text("; ".join(r for r in reasons if r) or None),
                               backend=job.backend, cpus=job.cpus, memory=job.memory,
                               **final_fields(outcome), **{**outcome.usage, **fields})
         except Exception as e:
@@ -557,13 +595,31 @@ def is_dispatcher(pid):
 
 
 def close_orphans(dispatcher):
-    """Jobs a killed dispatcher held never got their end recorded: say so."""
+    """Jobs a killed dispatcher held never got their end recorded: say so; and have
+    their backends end what is left of them (a Slurm job whose srun died, a
+    container), in the background."""
+    abandoned = {}
     for job_id in dispatcher.store.orphans(is_dispatcher):
+        record = dispatcher.store.get(job_id)
+        if record and record["backend"] not in (None, "local"):
+            abandoned.setdefault(record["backend"], []).append(record)
         dispatcher.store.update(
             job_id, state="failed", ended=store.now(),
             reason="its dispatcher died while it held the job (a local job that was running "
                    "finished, and its caller got its own status, which was not recorded)")
         log.warning("job %s: its dispatcher died; recorded as failed", job_id)
+    for name, records in abandoned.items():
+        threading.Thread(target=end_abandoned, args=(dispatcher, name, records),
+                         daemon=True).start()
+
+
+def end_abandoned(dispatcher, name, records):
+    try:
+        backend = dispatcher.backend(name)
+        if hasattr(backend, "abandoned"):
+            backend.abandoned(records)
+    except Exception:
+        log.exception("cannot end the %s jobs of a dead dispatcher", name)
 
 
 def listen(sock_path):
@@ -593,6 +649,8 @@ def start(args):
         state = paths.private_dir(args.state_dir)
         logging.basicConfig(filename=os.path.join(state, "dispatcher.log"), level=logging.INFO,
                             format="%(asctime)s %(process)d %(levelname)s %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
         dispatcher = Dispatcher(args.socket, state)
     except (OSError, store.sqlite3.Error) as e:
         raise SystemExit(f"cannot use the state dir {args.state_dir}: "

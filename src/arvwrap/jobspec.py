@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from arvwrap import store
+from arvwrap import redact, store
 
 SHIM_NAME = b"libarvwrap.so"
 
@@ -90,8 +90,11 @@ class Job:
     options: dict = field(default_factory=dict)   # backend name -> its whitelist block
     notes: list = field(default_factory=list)
     reuse: bool = False          # its result may be reused, and kept (arvwrap.reuse_jobs)
+    redactor: object = None      # arvwrap.redact.Redactor: its secrets kept out of records
 
     def __post_init__(self):
+        if self.redactor is None:
+            self.redactor = redact.Redactor(redact.patterns_from(self.env), self.env)
         self._lock = threading.Lock()
         self._signals = []
         self.cancel_reason = None
@@ -106,11 +109,11 @@ class Job:
     def record(self):
         """The initial job record."""
         return {"id": self.id, "run": self.run, "parent": self.parent, "kind": "job",
-                "argv": self.argv, "cwd": self.cwd, "backend": self.backend,
+                "argv": self.redactor.argv(self.argv), "cwd": self.cwd, "backend": self.backend,
                 "state": "queued", "cpus": self.cpus, "memory": self.memory,
                 "time_limit": self.time_limit,
                 "rule": self.rule and f"{self.rule.file}:{self.rule.line}",
-                "reason": "; ".join(self.notes) or None}
+                "reason": self.redactor.text("; ".join(self.notes) or None)}
 
     # -- steering, from any thread --
     def signal(self, signum):

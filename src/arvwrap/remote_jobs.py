@@ -21,11 +21,16 @@ class RemoteJobs:
     def _run_remote(self, call):
         job = call.job
         try:
-            why = must_run_locally(backends.backend_class(job.backend), job)
+            backend = self.backend(job.backend)
+            why = must_run_locally(backend, job)
             outcome = (Outcome("failed", use_local_backend=True, reason=why) if why
-                       else self.run_on(self.backend(job.backend), job))
+                       else self.run_on(backend, job))
         except backends.BackendError as e:
             outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
+        except Exception as e:         # a backend that cannot even load: never a hang
+            log.exception("backend %s cannot start", job.backend)
+            outcome = Outcome("failed", reason=f"the {job.backend} backend cannot start: {e}",
+                              message=f"the {job.backend} backend cannot start: {e}")
         self.post(lambda: self._remote_done(call, outcome))
 
     def _remote_done(self, call, outcome):

@@ -116,10 +116,11 @@ class ReuseJobs:
                                      _size(self.cache.blob_path(d))) for d, s in blobs)
 
     def _why_missed(self, job, plan):
-        nearest = self.cache.nearest(job.tool, plan.parts)
+        parts = shown_parts(plan.parts, job.redactor)
+        nearest = self.cache.nearest(job.tool, parts)
         if nearest is None:
             return f"not reused: no earlier job of {job.tool} is kept"
-        diffs = cache_mod.differences(nearest.parts, plan.parts)
+        diffs = cache_mod.differences(nearest.parts, parts)
         said = ", ".join(p if d is None else f"{p} {d}" for p, d in diffs[:3])
         return f"not reused: differs from job {nearest.job} in {said}"
 
@@ -259,7 +260,8 @@ class ReuseJobs:
             streams_[n], bytes_ = self.cache.put_file(tee.capture, move=True)
             size += bytes_
         self.cache.put(cache_mod.Entry(key=capture.plan.key, job=job.id, tool=job.tool,
-                                       parts=capture.plan.parts, stdout=streams_[1],
+                                       parts=shown_parts(capture.plan.parts, job.redactor),
+                                       stdout=streams_[1],
                                        stderr=streams_[2], outputs=kept, size=size))
 
     def _kept(self, call, capture, outcome, fields, note):
@@ -272,6 +274,13 @@ class ReuseJobs:
         for other in waiting:                    # now a hit, or their turn to run
             if other.conn is not None:
                 self._start_keying(other)
+
+
+def shown_parts(parts, redactor):
+    """A key's parts as the cache keeps them, to explain misses: argv without its
+    secrets (the key itself is made of the real words; environment values are only
+    digests already)."""
+    return {**parts, "argv": [os.fsdecode(w) for w in redactor.argv(parts["argv"])]}
 
 
 def _size(path):

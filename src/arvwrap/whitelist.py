@@ -96,9 +96,10 @@ class Rule:
 class Whitelist:
     """Rules in compiled (precedence) order: ``rules[i].index == i``."""
 
-    def __init__(self, files: list, rules: list):
+    def __init__(self, files: list, rules: list, redact=()):
         self.files = list(files)
         self.rules = rules
+        self.redact = tuple(redact)   # the files' `redact:` globs, in file order
         self.compiled = compile_rules(rules)
         self._c_rules = self.compiled.encode("ascii")
 
@@ -614,6 +615,7 @@ _FILE_KEYS = _WithBlocks({
     "on_oversize": _choice("clamp", "refuse"),
     "defaults": _mapping(_RESOURCES),
     "tools": _tools,
+    "redact": _list_of(_string),
 }, before="tools")
 _FILE = _mapping(_FILE_KEYS, "a mapping of whitelist settings (backend:, defaults:, tools:, ...)")
 
@@ -688,9 +690,10 @@ def load(paths) -> Whitelist:
     if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
     paths = [os.fsdecode(p) for p in paths]
-    per_file = []
+    per_file, redact = [], []
     for path in paths:
         settings = _read(path) or _Fields(1)
+        redact += settings.get("redact", [])
         per_file.append([_rule(path, settings, tool) for tool in settings.get("tools", [])])
     # a later file's rule for the same (kind, pattern) replaces the earlier one
     newest = {}
@@ -704,7 +707,7 @@ def load(paths) -> Whitelist:
                if rule.kind == kind and newest[(kind, rule.pattern)] == n]
     for i, rule in enumerate(ordered):
         rule.index = i
-    return Whitelist(paths, ordered)
+    return Whitelist(paths, ordered, redact)
 
 
 def find_whitelists(cli_paths, env=os.environ) -> list:

@@ -294,7 +294,7 @@ class FakeScheduler:
         self.queries += 1
         if self.broken:
             raise ValueError("injected")
-        return dict(self.states)
+        return {i: (state, f"name-{i}") for i, state in self.states.items()}
 
     def cancel(self, ids):
         self.cancelled.append(sorted(ids))
@@ -323,7 +323,7 @@ def test_one_query_per_round_for_every_job():
         poller.watch(i, watcher)
     until(lambda: all(len(w.states) >= 3 for w in watchers.values()), what="three rounds")
     assert scheduler.queries <= 5
-    poller.unwatch("7", watchers["7"], orphan=True)     # its srun is gone: cancel it
+    poller.unwatch("7", watchers["7"], orphan=True, name="name-7")   # its srun is gone
     until(lambda: scheduler.cancelled, what="the cancel")
     assert scheduler.cancelled[0] == ["7"]
 
@@ -333,11 +333,21 @@ def test_an_orphan_is_cancelled_each_round_until_it_is_no_longer_listed():
     scheduler.cancel = lambda ids: scheduler.cancelled.append(sorted(ids))   # it stays
     scheduler.states = {"9": "RUNNING"}
     poller = StatusPoller("the poller", scheduler.query, scheduler.cancel, 0.05)
-    poller.cancel_later("9")
+    poller.cancel_later("9", "name-9")
     until(lambda: len(scheduler.cancelled) >= 2, what="two cancels")
     assert poller.cleaning()
     del scheduler.states["9"]               # now it is gone
     until(lambda: not poller.cleaning(), what="the orphan dropped")
+
+
+def test_an_orphan_listed_under_another_name_is_not_cancelled():
+    """A scheduler that lost its state may give the id to another job."""
+    scheduler = FakeScheduler()
+    scheduler.states = {"9": "RUNNING"}         # listed as name-9
+    poller = StatusPoller("the poller", scheduler.query, scheduler.cancel, 0.05)
+    poller.cancel_later("9", "arv-wrap:tool:J1")
+    until(lambda: not poller.cleaning(), what="the orphan dropped")
+    assert scheduler.cancelled == [] and scheduler.states == {"9": "RUNNING"}
 
 
 def test_a_retried_action_runs_each_round_until_it_is_done():

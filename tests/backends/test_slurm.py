@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from arvwrap import paths
-from conftest import arv_wrap, job_records, jobs, need, poll as wait_for, wrapped, write_tool
+from conftest import (arv_wrap, job_records, jobs, need, poll as wait_for, slurm_relay, wrapped,
+                      write_tool)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "scripts" / "slurm-cluster.sh"
@@ -518,15 +519,9 @@ def test_the_tool_has_the_descriptors_of_a_plain_srun_task_and_no_more(env):
 
 def relay_of(record):
     """The pid of the relay that runs this job (the node is this host)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[1:2] == [b"--relay"] and f"SLURM_JOB_ID={record['backend_id']}".encode() in environ:
-            return int(pid)
-    raise AssertionError(f"no relay for job {record['backend_id']}")
+    found = slurm_relay(record["backend_id"])
+    assert found, f"no relay for job {record['backend_id']}"
+    return found[0]
 
 
 @pytest.mark.parametrize("sender", ["scancel", "another process"])

@@ -47,6 +47,8 @@ What a backend does (methods)
                          that one ``arv-wrap:`` line; with ``run_locally=True`` the
                          backend could not run it at all and the rule's
                          ``on_backend_error`` decides.
+``abandoned(records)``   (optional) end the jobs a killed dispatcher held there
+``cleaning() -> bool``   (optional) cleanup still to do: the dispatcher stays for it
 ``doctor_checks(load, rules)``, ``doctor_probe(load, rules)``  (class methods, optional)
                          extra ``arv-wrap doctor`` lines, and the rule of its round trip
 
@@ -95,6 +97,12 @@ class Backend:
 
     def run(self, job, started):
         raise NotImplementedError
+
+    def abandoned(self, records):
+        """The records of jobs a dispatcher that died held on this backend."""
+
+    def cleaning(self):
+        return False
 
     def options(self, job):
         """This backend's whitelist block for the job (its defaults if none was given)."""

@@ -114,6 +114,43 @@ class Backend(base.Backend):
         self.info = None
         self.info_at = 0.0
         self.reaped = False
+        self.unremoved = set()    # containers the engine could not remove when they ended
+        self.remover = None
+
+    def cleaning(self):
+        """Containers still to remove (the engine was away when their jobs ended)."""
+        with self.lock:
+            return bool(self.unremoved)
+
+    def remove_later(self, container_id):
+        """Retry the removal every 2 s while the engine is away (up to 10 minutes)."""
+        with self.lock:
+            self.unremoved.add(container_id)
+            if self.remover is not None:
+                return
+            self.remover = threading.Thread(target=self._remove_later, daemon=True)
+        self.remover.start()
+
+    def _remove_later(self):
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            with self.lock:
+                pending = set(self.unremoved)
+            for container_id in pending:
+                try:
+                    self.api.remove_container(container_id, force=True, v=True)
+                except self.errors.NotFound:
+                    pass
+                except Exception:
+                    continue
+                with self.lock:
+                    self.unremoved.discard(container_id)
+            with self.lock:
+                if not self.unremoved:
+                    break
+        with self.lock:
+            self.remover = None
 
     # -- answers --
     def check(self):
@@ -262,6 +299,11 @@ class Backend(base.Backend):
             self.reaped = True
         self.reap()
 
+    def abandoned(self, _records):
+        """Jobs a killed dispatcher held: remove their containers (and any other a
+        dead dispatcher on this host left)."""
+        self.reap_once()
+
     def reap(self):
         """Remove the containers that a dead dispatcher on this host left behind."""
         for found in self.api.containers(all=True, filters={"label": LABEL_JOB}):
@@ -279,6 +321,7 @@ class Container:
 
     def __init__(self, backend, job, started, spec):
         self.api, self.errors = backend.api, backend.errors
+        self.backend = backend
         self.log_dir = backend.log_dir
         self.job, self.started, self.spec = job, started, spec
         self.id = None
@@ -429,8 +472,8 @@ class Container:
                 self.api.remove_container(self.id, force=True, v=True)
             except self.errors.NotFound:
                 pass
-            except self.errors.DockerException:
-                pass              # the next backend start reaps it
+            except Exception:         # DockerException, or requests' when the engine is gone
+                self.backend.remove_later(self.id)    # the engine is away: once it is back
         with self.events_lock:
             close(self.events_w)
             self.events_w = None

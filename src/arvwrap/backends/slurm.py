@@ -97,6 +97,7 @@ class Settings:
     timeout: float = 20.0          # s to wait for a controller that does not answer
     listen: str = "0.0.0.0"        # where the stream relay listens
     host: Optional[str] = None     # the address the nodes connect to (else found)
+    connect_timeout: Optional[str] = None   # the relay's, on the node (default 20 s)
 
 
 @dataclass
@@ -265,6 +266,7 @@ class Backend(base.RemoteBackend):
         self.throttle = Throttle(self.rate, max(1, self.max_jobs))
         self.relay = None
         self.stopped = None        # why it takes no more jobs (a machinery thread died)
+        self.trouble_at = None     # when a Slurm command last found no controller
         self.poller = StatusPoller("the slurm status poller", self.poll, self.cancel,
                                    self.poll_interval, on_give_up=self.stop)
         self._nodes = None
@@ -450,7 +452,8 @@ class Backend(base.RemoteBackend):
         with self._relay_lock:
             if self.relay is None:
                 self.relay = Relay(self.bind_host, self.advertise or self.own_address(),
-                                   "the slurm stream relay", on_give_up=self.stop)
+                                   "the slurm stream relay", on_give_up=self.stop,
+                                   label="slurm relay")
             return self.relay
 
     def own_address(self):
@@ -504,6 +507,8 @@ class Backend(base.RemoteBackend):
         env[b"ARV_WRAP_SLURM_HOST"] = os.fsencode(relay.host)
         env[b"ARV_WRAP_SLURM_PORT"] = str(relay.port).encode()
         env[b"ARV_WRAP_SLURM_TOKEN"] = token
+        if self.settings.connect_timeout:
+            env[b"ARV_WRAP_SLURM_CONNECT_TIMEOUT"] = os.fsencode(self.settings.connect_timeout)
         for name in (b"PWD", b"SHLVL"):
             if name in job.env:
                 env[b"ARV_WRAP_SLURM_" + name] = b"=" + job.env[name]
@@ -562,25 +567,30 @@ class Backend(base.RemoteBackend):
             args.append(f"--name={name}")
         args += [str(i) for i in ids]
         try:
-            return self._run("scancel", args, timeout=self.timeout, counter="cancels")
+            done = self._run("scancel", args, timeout=self.timeout, counter="cancels")
         except (subprocess.TimeoutExpired, OSError):
-            return None
+            done = None
+        if done is None or RE_CONTROLLER.search(done.stderr):
+            self.trouble_at = time.monotonic()
+        return done
 
     # -- asked by the status poller: one batched squeue per round --
     def poll(self, ids):
-        """{slurm id: state} of every job of ours that squeue lists; None if it failed."""
+        """{slurm id: (state, job name)} of every job of ours that squeue lists; None
+        if it failed."""
         try:
-            out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T"],
+            out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
                             timeout=self.timeout, counter="status_queries")
         except (subprocess.TimeoutExpired, OSError):
-            return None
-        if out.returncode != 0:
+            out = None
+        if out is None or out.returncode != 0:
+            self.trouble_at = time.monotonic()
             return None
         known = {}
         for line in out.stdout.splitlines():
-            fields = line.split()
-            if len(fields) == 2:
-                known[fields[0]] = fields[1]
+            fields = line.split(None, 2)
+            if len(fields) == 3:
+                known[fields[0]] = (fields[1], fields[2])
         return known
 
     def cancel(self, ids, signum=None):
@@ -599,7 +609,19 @@ class Backend(base.RemoteBackend):
         self.poller.retry(cancelled)
 
     def unregister(self, live, orphan):
-        self.poller.unwatch(live.attempt.slurm_id, live, orphan=orphan)
+        self.poller.unwatch(live.attempt.slurm_id, live, orphan=orphan, name=live.name)
+
+    def cleaning(self):
+        """Jobs still to cancel (the controller was away when they had to be): the
+        dispatcher stays until they are, rather than forget them."""
+        return self.poller.cleaning()
+
+    def abandoned(self, records):
+        """Jobs a killed dispatcher held (their srun died with it, the job may not
+        have): cancel them by their names, retrying while the controller is away."""
+        for record in records:
+            argv0 = (record.get("argv") or ["?"])[0]
+            self.forget_by_name(job_name(os.path.basename(argv0), record["id"]))
 
 
 class Live:
@@ -614,12 +636,14 @@ class Live:
         self.spool = spool
         self.failure = failure or guard.JobFailure(job)
         self.attempt = Attempt()
-        self.name = "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", job.tool)[:64] + ":" + job.id
+        self.name = job_name(job.tool, job.id)
+        self.began = time.monotonic()
         self.token = secrets.token_hex(16).encode()
         self.streams = {
             1: Stream(job.fds.get(1), what=f"the stdout of job {job.id}", on_fail=self.failure),
             2: Stream(job.fds.get(2), os.path.join(backend.log_dir, f"{job.id}.stderr"),
-                      what=f"the stderr of job {job.id}", on_fail=self.failure)}
+                      what=f"the stderr of job {job.id}", on_fail=self.failure,
+                      secrets=getattr(getattr(job, "redactor", None), "values", ()))}
         self.gone_polls = 0
         self.lost = False            # the poller found the job gone while srun lingers
         self.registered = False
@@ -630,6 +654,7 @@ class Live:
         self.signalled_pending = []  # signals that arrived before the job was allocated
         self.cancel_sent = False
         self.term_at = self.kill_at = None
+        self.grace = KILL_GRACE      # between SIGTERM and SIGKILL of srun
         self.why = None              # arv-wrap's reason for ending the job
         self.steered = False
 
@@ -768,14 +793,18 @@ class Live:
         if self.why is not None and not self.cancel_sent:
             if self.attempt.slurm_id:
                 self.cancel_sent = True
-                self.backend.scancel([self.attempt.slurm_id])
+                done = self.backend.scancel([self.attempt.slurm_id])
+                if done is None or RE_CONTROLLER.search(done.stderr):
+                    # no controller to take it, and srun forwards signals through
+                    # it: end srun now; the job is cancelled once it answers
+                    self.term_at, self.grace = now, 1.0
                 self.term_at = self.term_at or now + KILL_GRACE
             elif self.term_at is None:
                 _kill(self.pid, signal.SIGTERM)   # srun withdraws its request
                 self.term_at = now
         if self.term_at is not None and now >= self.term_at and self.kill_at is None:
             _kill(self.pid, signal.SIGTERM)
-            self.kill_at = now + KILL_GRACE
+            self.kill_at = now + self.grace
         if self.kill_at is not None and now >= self.kill_at:
             _kill(self.pid, signal.SIGKILL)
             self.kill_at = float("inf")
@@ -786,8 +815,11 @@ class Live:
         clean = a.wait_status is not None
         if a.slurm_id and (not clean or self.why is not None):
             b.scancel([a.slurm_id])       # never leave a job whose srun is gone
+        # srun ended while the controller was away: it may never have heard of the
+        # end (the job would stay RUNNING there), so it is cancelled once it answers
+        doubtful = a.controller or (b.trouble_at or 0) >= self.began
         if self.registered:
-            b.unregister(self, orphan=a.slurm_id is not None and not clean)
+            b.unregister(self, orphan=a.slurm_id is not None and (not clean or doubtful))
         elif not a.slurm_id and self.why is not None:
             b.forget_by_name(self.name)   # a request srun may have left behind
         for stream in self.streams.values():
@@ -822,6 +854,12 @@ class Live:
         if a.no_relay:
             text = (f"{label}: the node cannot run arv-wrap's relay ({a.no_relay}); "
                     f"it must be at the same path on the nodes (a shared filesystem)")
+            return Outcome("failed", reason=text, message=text)
+        if (a.relay_error and a.wait_status is not None and os.WIFEXITED(a.wait_status)
+                and os.WEXITSTATUS(a.wait_status) == 125):
+            # the relay could not start the tool (its streams cannot reach us): its 125
+            # is arv-wrap's failure, not the tool's status
+            text = f"{label}: {a.relay_error}"
             return Outcome("failed", reason=text, message=text)
         if a.wait_status is None:
             if a.refused or (not a.slurm_id and a.errors):
@@ -876,6 +914,10 @@ class Live:
                                 start_new_session=True)
         proc.returncode = 0      # we reap it ourselves; keep Popen's __del__ quiet
         return proc.pid
+
+
+def job_name(tool, job_id):
+    return "arv-wrap:" + re.sub(r"[^A-Za-z0-9._+-]", "_", tool)[:64] + ":" + job_id
 
 
 def controller_address(config):

@@ -1,7 +1,8 @@
 """Job reuse from the command line: `arv-wrap cache ...` and `check --reuse`."""
 import os
 
-from arvwrap import cache as cache_mod, paths, reuse
+from arvwrap import cache as cache_mod, paths, redact, reuse
+from arvwrap.reuse_jobs import shown_parts
 from arvwrap.activation import UsageError
 from arvwrap.whitelist import parse_memory
 
@@ -75,12 +76,13 @@ def check_reuse(rule, command, path, env):
         entry = kept.get(plan.key)
         if entry is not None:
             return [f"reuse: yes, the result of job {entry.job} ({len(entry.outputs)} outputs)"]
-        nearest = kept.nearest(os.path.basename(os.fsdecode(command[0])), plan.parts)
+        parts = shown_parts(plan.parts, redact.Redactor(redact.patterns_from(env), env))
+        nearest = kept.nearest(os.path.basename(os.fsdecode(command[0])), parts)
         if nearest is None:
             return ["reuse: no earlier job of this tool is kept"]
         return [f"reuse: no; the nearest kept job, {nearest.job}, differs in:"] + [
             f"  {part}" + (f" {detail}" if detail else "")
-            for part, detail in cache_mod.differences(nearest.parts, plan.parts)]
+            for part, detail in cache_mod.differences(nearest.parts, parts)]
     except (OSError, ValueError) as e:
         return [f"reuse: no, the call cannot be keyed: {e}"]
     finally:

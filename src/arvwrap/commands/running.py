@@ -15,7 +15,7 @@ def run(options, command):
     """Run COMMAND with interception; exit with its status (or die of its signal)."""
     env = dict(os.environ)
     files, rules = load_rules(options, env)
-    db, run_id = new_run(command, options, env)
+    db, run_id = new_run(command, options, env, redact_globs=rules.redact)
     env.update(activation_env(files, rules, options, run_id, env))
     env.pop("ARV_WRAP_JOB", None)
     if options.get("as_job"):
@@ -73,7 +73,7 @@ def env(options, _words):
     environ = dict(os.environ)
     files, rules = load_rules(options, environ)
     _, run_id = new_run(["arv-wrap", "env", *_words], options, environ,
-                        **watched_shell())
+                        redact_globs=rules.redact, **watched_shell())
     for name, value in activation_env(files, rules, options, run_id, environ).items():
         print(f"export {name}={shlex.quote(value)}")
     return 0

@@ -5,15 +5,17 @@ interval, and only while there is something to ask about:
 
 - ``watch(id, watcher)``: each round, ``watcher.seen(state)`` gets the job's state
   from the batch (None: the backend no longer lists it);
-- ``unwatch(id, watcher, orphan=True)``: the job's own thread gave up on it: it is
-  cancelled (one cancel for all such orphans per round) until no longer listed;
-- ``cancel_later(id)``: the same for a job nobody watches;
+- ``unwatch(id, watcher, orphan=True, name=...)``: the job's own thread gave up on
+  it: it is cancelled (one cancel for all such orphans per round) while the backend
+  lists it under that name (None: any), so an id a scheduler gave to another job
+  after losing its state is never cancelled;
+- ``cancel_later(id, name)``: the same for a job nobody watches;
 - ``retry(action)``: ``action()`` is tried once per round until it returns True
   (a cleanup that needs the scheduler to answer); ``cleaning()`` says whether any
   such work is left.
 
-The backend gives ``query(ids) -> {id: state}`` (None when the query failed: the
-next round asks again) and ``cancel(ids)``. The thread is guarded: a watcher whose
+The backend gives ``query(ids) -> {id: (state, name)}`` (None when the query failed:
+the next round asks again) and ``cancel(ids)``. The thread is guarded: a watcher whose
 ``seen`` raises is failed alone (``watcher.fail(reason)``); a round that raises is
 logged and the thread restarts; a poller that keeps crashing fails every job it
 watches and tells on_give_up.
@@ -36,7 +38,7 @@ class StatusPoller:
         self.on_give_up = on_give_up
         self.cond = threading.Condition()
         self.watched = {}        # backend id -> watcher
-        self.orphans = set()     # backend ids to cancel
+        self.orphans = {}        # backend id -> its name, to cancel while listed so
         self.actions = []        # callables tried each round until they return True
         self.thread = None
         self.stopped = None      # why it gave up
@@ -56,19 +58,18 @@ class StatusPoller:
             guard.tell(watcher.fail, stopped)
         return count
 
-    def unwatch(self, job_id, watcher, orphan=False):
+    def unwatch(self, job_id, watcher, orphan=False, name=None):
         with self.cond:
             if self.watched.get(job_id) is watcher:
                 del self.watched[job_id]
-            if orphan:
-                self.orphans.add(job_id)
-                self._wake()
+        if orphan:
+            self.cancel_later(job_id, name)
 
-    def cancel_later(self, job_id):
+    def cancel_later(self, job_id, name=None):
         """Cancel a job nobody watches (a dead dispatcher's, say), retried each round
-        until the backend no longer lists it."""
+        until the backend no longer lists it (under that name)."""
         with self.cond:
-            self.orphans.add(job_id)
+            self.orphans[job_id] = name
             self._wake()
 
     def cleaning(self):
@@ -97,29 +98,32 @@ class StatusPoller:
                 # at most one round per interval, whatever wakes us
                 while time.monotonic() < self.last + self.interval:
                     self.cond.wait(self.last + self.interval - time.monotonic())
-                orphans = set(self.orphans)
-                actions, self.actions = self.actions, []
+                orphans = dict(self.orphans)
+                actions = list(self.actions)    # kept until done: cleaning() sees them
             self.last = time.monotonic()
             self._round(orphans, actions)
 
     def _round(self, orphans, actions):
         for action in actions:
-            if not action():
+            if action():
                 with self.cond:
-                    self.actions.append(action)    # the scheduler is still away
-        if orphans:
-            self.cancel(orphans)
+                    self.actions.remove(action)
         with self.cond:
-            ids = orphans | set(self.watched)
-        states = self.query(ids)
-        if states is None:
+            ids = set(orphans) | set(self.watched)
+        listed = self.query(ids)
+        if listed is None:
             return
+        ours = {i for i, name in orphans.items()
+                if i in listed and name in (None, listed[i][1])}
+        if ours:
+            self.cancel(ours)
         with self.cond:
-            # cancelled ones stay until the backend no longer lists them
-            self.orphans = {i for i in self.orphans if i in states or i not in orphans}
+            # cancelled ones stay while the backend lists them (as theirs)
+            self.orphans = {i: n for i, n in self.orphans.items()
+                            if i not in orphans or i in ours}
             watched = list(self.watched.items())
         for job_id, watcher in watched:
-            self._tell(job_id, watcher, states.get(job_id))
+            self._tell(job_id, watcher, listed.get(job_id, (None,))[0])
 
     def _tell(self, job_id, watcher, state):
         try:

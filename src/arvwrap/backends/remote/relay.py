@@ -21,7 +21,8 @@ HANDSHAKE_TIMEOUT = 30.0  # s a relay connection may take to send its token
 
 
 class Relay:
-    def __init__(self, bind_host, advertise_host, what="the stream relay", on_give_up=None):
+    def __init__(self, bind_host, advertise_host, what="the stream relay", on_give_up=None,
+                 label="relay"):
         family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,6 +39,7 @@ class Relay:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         self.on_give_up = on_give_up
+        self.label = label         # its log lines: "<label>: refused a connection ..."
         guard.start(what, self._serve, on_crash=self._fail_waiting, restart=True,
                     on_give_up=self._give_up)
 
@@ -71,7 +73,7 @@ class Relay:
                         self._handshake(key.fileobj)
                 now = time.monotonic()
                 for conn in [c for c, deadline in self.pending.items() if deadline < now]:
-                    self._drop(conn)
+                    self._drop(conn, f"no token within {HANDSHAKE_TIMEOUT:g}s")
         finally:
             for conn in list(self.pending):
                 self._drop(conn)
@@ -95,7 +97,8 @@ class Relay:
             head = b""
         end = head.find(b"\n")
         if not head or (end < 0 and len(head) >= 128):
-            self._drop(conn)
+            self._drop(conn, "it sent no token line" if head
+                       else "it closed before sending a token")
             return
         if end < 0:
             return
@@ -107,7 +110,8 @@ class Relay:
             if b"o" + token not in self.waiting and b"e" + token not in self.waiting:
                 self.failers.pop(token, None)   # both streams are its job's now
         if handler is None:
-            self._drop(conn)
+            # never the bytes it sent in the log: they may be a real token, mistyped
+            self._drop(conn, "its token is no running job's (or was used already)")
             return
         self.selector.unregister(conn)
         del self.pending[conn]
@@ -124,7 +128,13 @@ class Relay:
             conn.close()
             guard.tell(on_fail, f"its stream could not be taken ({type(e).__name__}: {e})")
 
-    def _drop(self, conn):
+    def _drop(self, conn, why=None):
+        if why:
+            try:
+                peer = "%s:%s" % conn.getpeername()[:2]
+            except OSError:
+                peer = "a peer gone"
+            log.warning("%s: refused a connection from %s: %s", self.label, peer, why)
         try:
             self.selector.unregister(conn)
         except (KeyError, ValueError):

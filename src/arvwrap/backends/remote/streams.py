@@ -10,6 +10,7 @@ import threading
 
 from arvwrap import paths
 from arvwrap.backends.remote import fds, guard
+from arvwrap.redact import StreamRedactor
 
 MIB = 1 << 20
 LOG_KEEP = 1 * MIB       # a job's kept stderr: its last LOG_KEEP bytes, once ...
@@ -51,9 +52,10 @@ class Stream:
     """Copies one relay connection to one of the caller's descriptors, in a thread,
     and to a Log if given one (its path)."""
 
-    def __init__(self, target_fd, log_path=None, what="a stream", on_fail=None):
+    def __init__(self, target_fd, log_path=None, what="a stream", on_fail=None, secrets=()):
         self.target = target_fd
         self.log_path = log_path
+        self.redactor = StreamRedactor(secrets)     # the kept copy never holds a secret
         self.what = what
         self.on_fail = on_fail
         self.done = threading.Event()
@@ -73,6 +75,7 @@ class Stream:
             self._copy()
         finally:
             if self.log is not None:
+                self._keep_last()
                 self.log.close()
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -102,10 +105,17 @@ class Stream:
     def _keep(self, data):
         if self.log is not None:
             try:
-                self.log.write(data)
+                self.log.write(self.redactor.feed(data))
             except OSError:
                 self.log.close()
                 self.log = None
+
+    def _keep_last(self):
+        """What the redactor held back (the start of what may have been a secret)."""
+        try:
+            self.log.write(self.redactor.flush())
+        except OSError:
+            pass
 
     def finish(self, timeout):
         """Wait for the end of the stream (after the job ended); cut it after timeout."""
