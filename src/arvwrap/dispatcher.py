@@ -105,8 +105,9 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         self.store = store.Store(state_dir)
         self.rules = RuleCache()
         self.idle_timeout = float(env.get("ARV_WRAP_IDLE_TIMEOUT") or 120)
-        self.backend_config = backends.config_from_env(env)
-        self.backends = {}
+        self.env = env
+        # built now: bad ARV_WRAP_LOCAL_* settings stop the start, with one line
+        self.backends = {"local": backends.load("local", env, state_dir)}
         self.calls = set()
         self.by_job = {}           # job id -> its Call, while the dispatcher holds it
         self.stop_signal = None    # the signal that asked the dispatcher to stop
@@ -466,7 +467,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                   cwd_fd=request.cwd_fd, cpus=cpus, memory=memory, time_limit=time_limit,
                   stdin=rule.stdin, nested=rule.nested, backend=backend,
                   on_backend_error=rule.on_backend_error, on_oversize=rule.on_oversize,
-                  rule=rule, slurm=rule.slurm or {}, notes=list(notes), redactor=secrets)
+                  rule=rule, options=rule.options, notes=list(notes), redactor=secrets)
         job.client_pid = request.pid
         job.reuse = reuse_enabled(env, rule)
         return job, None
@@ -489,7 +490,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         backend = os.fsdecode(env.get(b"ARV_WRAP_BACKEND", b"")) or "local"
         job_env = job_environment(env, job_id, True, None)
         del job_env[b"ARV_WRAP_AS_JOB"]          # its tools are ordinary calls
-        cpus = float(env[b"ARV_WRAP_AS_JOB"] or (0.1 if backend == "local" else 1))
+        fractional = getattr(backends.find_quietly(backend), "fractional_cpus", False)
+        cpus = float(env[b"ARV_WRAP_AS_JOB"] or (0.1 if fractional else 1))
         job = Job(id=job_id, run=run, parent=os.fsdecode(env.get(b"ARV_WRAP_JOB", b"")) or run,
                   argv=request.argv, path=request.path, cwd=request.cwd, env=job_env,
                   umask=request.umask, rlimits=request.rlimits, nice=request.nice,
@@ -503,7 +505,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
     def backend(self, name):
         with self.backend_lock:
             if name not in self.backends:
-                self.backends[name] = backends.load(name, self.backend_config.get(name, {}))
+                self.backends[name] = backends.load(name, self.env, self.state_dir)
             return self.backends[name]
 
     def _end(self, call, outcome, **fields):

@@ -13,9 +13,8 @@ PROBE_RULES = "1;n:true"
 
 def run(options, command=()):
     checks = [check_files, check_interception, lambda: check_rules(options),
-              lambda: check_backend(options), lambda: check_round_trip(options)]
-    if (options["backend"] or os.environ.get("ARV_WRAP_BACKEND")) == "docker":
-        checks.insert(4, lambda: check_images(options))
+              lambda: check_backend(options), lambda: backend_checks(options),
+              lambda: check_round_trip(options)]
     if command:
         checks.insert(2, lambda: check_caller(command[0]))
     failed = 0
@@ -37,6 +36,53 @@ def check_caller(program):
     if not reasons:
         return True, f"{path}: the programs it execs can be intercepted"
     return [(False, line) for line in reasons]
+
+
+def backend_name(options):
+    return options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+
+
+def backend_checks(options):
+    """What the chosen backend itself checks beyond answering (docker: the images)."""
+    from arvwrap import backends
+    name = backend_name(options)
+    cls = backends.find_quietly(name)
+    if cls is None:
+        return []
+    checks = [shared_filesystem(name)] if cls.shared_filesystem else []
+    return checks + cls.doctor_checks(lambda: backends.load(name), named_rules(options))
+
+
+NODE_LOCAL = ("tmpfs", "ramfs", "overlay", "devtmpfs")
+
+
+def shared_filesystem(name):
+    """A backend that needs a shared filesystem: is the cwd on one that is not local?"""
+    cwd = os.getcwd()
+    kind = filesystem_type(cwd)
+    if kind in NODE_LOCAL:
+        return True, (f"files: the cwd {cwd} is on {kind}, which only this host sees: "
+                      f"{name} jobs elsewhere would not find it (fine on a one-node "
+                      f"cluster on this host)")
+    return True, (f"files: the cwd {cwd} is on {kind or 'an unknown filesystem'}; {name} "
+                  f"needs it, the tools and their paths at the same paths on the nodes "
+                  f"(arv-wrap cannot check that)")
+
+
+def filesystem_type(path):
+    """The type of the filesystem path is on, from /proc/self/mounts (longest mount)."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if len(fields) > 2 and inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
 
 
 def check_files():
@@ -76,9 +122,9 @@ def check_rules(options):
 
 def check_backend(options):
     from arvwrap import backends
-    name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
+    name = backend_name(options)
     try:
-        backend = backends.load(name, {})
+        backend = backends.load(name)
         return True, backend.check()
     except backends.BackendError as e:
         return False, f"backend {name}: {e}"
@@ -86,51 +132,26 @@ def check_backend(options):
         return False, f"backend {name}: {e}"
 
 
-def check_images_missing(options):
-    from arvwrap import backends
-    try:
-        return backends.load("docker", {}).missing_images(named_images(options))
-    except Exception:
-        return named_images(options)
-
-
-def named_images(options):
-    """The images the whitelist's rules name."""
+def named_rules(options):
+    """The whitelist's rules, or None (none named, or unreadable: check_rules says so)."""
     files = whitelist.find_whitelists(options["whitelists"], os.environ)
     try:
-        rules = whitelist.load(files) if files else None
+        return whitelist.load(files) if files else None
     except (OSError, whitelist.WhitelistError):
-        return []
-    return sorted({r.image for r in rules.rules if r.image}) if rules else []
-
-
-def check_images(options):
-    """docker: which images the whitelist names are not on the engine."""
-    from arvwrap import backends
-    images = named_images(options)
-    if not images:
-        return True, "images: the whitelist names none (the docker backend needs one per rule)"
-    try:
-        missing = backends.load("docker", {}).missing_images(images)
-    except Exception as e:
-        return False, f"images: cannot ask the engine: {e}"
-    if missing:
-        return False, f"images missing on the engine (pulled on first use when a registry " \
-                      f"answers): {', '.join(missing)}"
-    return True, f"images: all {len(images)} the whitelist names are there"
+        return None
 
 
 def check_round_trip(options):
-    """Redirect a real `true` through the dispatcher to the chosen backend (docker:
-    `sh -c true` in an image the whitelist names)."""
-    from arvwrap import activation, store
-    name = options["backend"] or os.environ.get("ARV_WRAP_BACKEND") or "local"
-    tool, argv, image = "'true'", ["true"], ""
-    if name == "docker":
-        images = [i for i in named_images(options) if i not in check_images_missing(options)]
-        if not images:
-            return True, "round trip skipped: no image of the whitelist is on the engine"
-        tool, argv, image = "sh", ["sh", "-c", "true"], f"\n    image: '{images[0]}'"
+    """Redirect a real `true` through the dispatcher to the chosen backend (or what its
+    doctor_probe says: docker runs `sh -c true` in an image the whitelist names)."""
+    from arvwrap import activation, backends, store
+    from arvwrap.backends.base import Backend
+    name = backend_name(options)
+    cls = backends.find_quietly(name) or Backend
+    probe = cls.doctor_probe(lambda: backends.load(name), named_rules(options))
+    if isinstance(probe, str):
+        return True, probe
+    tool, argv, image = probe
     with tempfile.TemporaryDirectory() as tmp:
         rules_file = os.path.join(tmp, "doctor.yaml")
         with open(rules_file, "w") as f:

@@ -87,7 +87,7 @@ class Job:
     on_backend_error: str = "fail"
     on_oversize: str = "clamp"
     rule: object = None
-    slurm: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)   # backend name -> its whitelist block
     notes: list = field(default_factory=list)
     reuse: bool = False          # its result may be reused, and kept (arvwrap.reuse_jobs)
     redactor: object = None      # arvwrap.redact.Redactor: its secrets kept out of records

@@ -7,6 +7,7 @@ import threading
 import time
 
 from arvwrap import backends, store
+from arvwrap.backends.base import must_run_locally
 from arvwrap.jobspec import Outcome
 
 log = logging.getLogger("arvwrap.dispatcher")
@@ -20,7 +21,10 @@ class RemoteJobs:
     def _run_remote(self, call):
         job = call.job
         try:
-            outcome = self.run_on(self.backend(job.backend), job)
+            backend = self.backend(job.backend)
+            why = must_run_locally(backend, job)
+            outcome = (Outcome("failed", use_local_backend=True, reason=why) if why
+                       else self.run_on(backend, job))
         except backends.BackendError as e:
             outcome = Outcome("failed", reason=str(e), message=str(e), run_locally=True)
         except Exception as e:         # a backend that cannot even load: never a hang

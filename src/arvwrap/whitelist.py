@@ -6,6 +6,7 @@ matcher (``arvwrap._match``), the very code the shim runs: nothing here matches.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -18,7 +19,9 @@ from typing import Any, Callable, Optional
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-KNOWN_BACKENDS = ("local", "slurm", "docker")
+from arvwrap import backends
+from arvwrap.backends import settings as backend_settings
+
 DEFAULT_BACKEND = "local"
 RULES_VERSION = "1"
 STDIN_MODES = ("auto", "pass", "none")
@@ -32,6 +35,12 @@ NO_WHITELIST_MESSAGE = (
 
 class WhitelistError(Exception):
     """A whitelist that cannot be used; str() is one line: file, line, key, problem."""
+
+
+def __getattr__(name):
+    if name == "KNOWN_BACKENDS":      # the registry's, read when asked
+        return tuple(backends.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the rules ---------------------------------------------------------------------
@@ -61,7 +70,7 @@ class Rule:
     memory: Optional[int] = None                # bytes
     time: Optional[int] = None                  # seconds
     stdin: str = "auto"
-    slurm: dict = field(default_factory=dict)   # partition, account, qos, extra (merged)
+    options: dict = field(default_factory=dict)  # backend name -> its block (Options), merged
     env_set: dict = field(default_factory=dict)
     env_drop: list = field(default_factory=list)
     image: Optional[str] = None
@@ -75,6 +84,13 @@ class Rule:
     def where(self) -> str:
         return f"{self.file}:{self.line}"
 
+    def __getattr__(self, name):
+        """rule.<backend name>: that backend's block as a dict (its defaults if none)."""
+        cls = backends.with_options().get(name) if not name.startswith("_") else None
+        if cls is None:
+            raise AttributeError(name)
+        options = self.options.get(name)
+        return dataclasses.asdict(options if options is not None else cls())
 
 
 class Whitelist:
@@ -324,8 +340,11 @@ def _choice(*choices):
 
 def _backend(node, path):
     name = _string(node, path, "a backend name")
-    if name not in KNOWN_BACKENDS:
-        raise _Invalid(node, path, f"unknown backend {name!r} (known: {', '.join(KNOWN_BACKENDS)})")
+    if name in backends.KNOWN:         # no need to read the installed ones
+        return name
+    known = backends.names()
+    if name not in known:
+        raise _Invalid(node, path, f"unknown backend {name!r} (known: {', '.join(known)})")
     return name
 
 
@@ -486,26 +505,81 @@ def _reuse(node, path):
 
 
 _RESOURCES = {"cpus": _cpus, "memory": _memory, "time": _time}
-_SLURM = {
-    "partition": _string, "account": _string, "qos": _string,
-    "extra": _list_of(_string),
-}
 _WHEN = {
     "subcommand": _list_of(_string, single_ok=True),
     "not_flags": _list_of(_string, single_ok=True),
 }
-_TOOL = {
+
+
+class _WithBlocks(dict):
+    """A schema whose keys are its own, with each backend's block (`slurm:`) before
+    the key `before`; a backend is looked up only when a key is not the schema's own."""
+
+    def __init__(self, own, before):
+        super().__init__(own)
+        self.before = before
+
+    def own(self, key):
+        return dict.__contains__(self, key)
+
+    def __contains__(self, key):
+        return self.own(key) or _block_class(key) is not None
+
+    def __getitem__(self, key):
+        if self.own(key):
+            return dict.__getitem__(self, key)
+        return _block(_block_class(key))
+
+    def __iter__(self):
+        keys = list(dict.keys(self))
+        at = keys.index(self.before)
+        return iter(keys[:at] + list(backends.with_options()) + keys[at:])
+
+
+def _block_class(key):
+    """The Options of the backend called key, if it has a whitelist block."""
+    cls = backends.find_quietly(key)
+    return cls.Options if cls is not None else None
+
+
+_OPTION_KINDS = {"str": _string, "list": _list_of(_string), "number": _number_gt0,
+                 "bool": _boolean}
+
+
+def _block(options):
+    """The validator of a backend's block: one key per field of its Options; a field's
+    metadata["check"] refuses what the backend cannot use."""
+    schema = {}
+    for f in dataclasses.fields(options):
+        schema[f.name] = _checked(_OPTION_KINDS[backend_settings.option_kind(options, f)],
+                                  f.metadata.get("check"))
+    return _mapping(schema)
+
+
+def _checked(validate, check):
+    if check is None:
+        return validate
+
+    def validate_and_check(node, path):
+        value = validate(node, path)
+        problem = check(value)
+        if problem:
+            raise _Invalid(node, path, problem)
+        return value
+    return validate_and_check
+
+
+_TOOL = _WithBlocks({
     "name": _name_pattern,
     "path": _path_pattern,
     "when": _mapping(_WHEN),
     **_RESOURCES,
     "stdin": _choice(*STDIN_MODES),
-    "slurm": _mapping(_SLURM),
     "env": _mapping({"set": _env_set, "drop": _list_of(_env_name)}),
     "image": _string,
     "reuse": _reuse,
     "nested": _boolean,
-}
+}, before="env")
 
 
 def _tool(node, path):
@@ -535,15 +609,15 @@ def _tools(node, path):
     return tools
 
 
-_FILE = _mapping({
+_FILE_KEYS = _WithBlocks({
     "backend": _backend,
     "on_backend_error": _choice("fail", "local"),
     "on_oversize": _choice("clamp", "refuse"),
     "defaults": _mapping(_RESOURCES),
-    "slurm": _mapping(_SLURM),
     "tools": _tools,
     "redact": _list_of(_string),
-}, "a mapping of whitelist settings (backend:, defaults:, tools:, ...)")
+}, before="tools")
+_FILE = _mapping(_FILE_KEYS, "a mapping of whitelist settings (backend:, defaults:, tools:, ...)")
 
 
 # -- loading -----------------------------------------------------------------------
@@ -578,12 +652,12 @@ def _read(path: str) -> Optional[_Fields]:
         raise WhitelistError(f"{path}:{e.line}: {e.path}: {e.what}") from None
 
 
-def _slurm_merged(*layers) -> dict:
-    out = {"partition": None, "account": None, "qos": None, "extra": []}
-    for layer in layers:
-        for key, value in (layer or {}).items():
-            out[key] = out[key] + value if key == "extra" else value
-    return out
+def _options(settings: _Fields, tool: _Fields) -> dict:
+    """{backend name: its Options} for the blocks the file or the tool gives."""
+    given = [k for k in settings if not _FILE_KEYS.own(k)] + [k for k in tool
+                                                               if not _TOOL.own(k)]
+    return {name: backend_settings.merge(_block_class(name), settings.get(name), tool.get(name))
+            for name in dict.fromkeys(given)}
 
 
 def _rule(path: str, settings: _Fields, tool: _Fields) -> Rule:
@@ -602,7 +676,7 @@ def _rule(path: str, settings: _Fields, tool: _Fields) -> Rule:
         cpus_default=fallback if cpus.flags else None,
         memory=resource("memory"), time=resource("time"),
         stdin=tool.get("stdin", "auto"),
-        slurm=_slurm_merged(settings.get("slurm"), tool.get("slurm")),
+        options=_options(settings, tool),
         env_set=dict(env.get("set", {})), env_drop=list(env.get("drop", [])),
         image=tool.get("image"), reuse=tool.get("reuse"), nested=tool.get("nested", False),
         backend=settings.get("backend"),
@@ -744,9 +818,10 @@ def describe(whitelist: Whitelist, argv, name=None, path=None, backend=None,
                  f"time: {_duration(seconds) if seconds else '-'}")
     lines.append(f"stdin: {rule.stdin}   nested: {'yes' if rule.nested else 'no'}   "
                  f"on_backend_error: {rule.on_backend_error}   on_oversize: {rule.on_oversize}")
-    slurm = {k: v for k, v in rule.slurm.items() if v}
-    if slurm:
-        lines.append("slurm: " + ", ".join(f"{k}={v}" for k, v in slurm.items()))
+    for block, options in rule.options.items():
+        given = {k: v for k, v in dataclasses.asdict(options).items() if v}
+        if given:
+            lines.append(f"{block}: " + ", ".join(f"{k}={v}" for k, v in given.items()))
     if rule.env_set or rule.env_drop:
         lines.append("env: " + " ".join([f"{k}={v}" for k, v in rule.env_set.items()]
                                         + [f"-{k}" for k in rule.env_drop]))

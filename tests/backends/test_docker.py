@@ -118,6 +118,14 @@ def test_binary_stdout_and_stderr_are_exact_and_separate(env, tmp_path):
     assert result.stderr == (tmp_path / "err.bin").read_bytes()
 
 
+def test_its_stderr_is_kept_for_arv_wrap_logs(env):
+    result = wrapped(env, "sh -c 'echo out; echo kept-line >&2; exit 3'")
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"kept-line\n")
+    [record] = job_records(env)
+    logs = arv_wrap("logs", record["id"], env=env, stdout=subprocess.PIPE)
+    assert (logs.returncode, logs.stdout) == (0, b"kept-line\n")
+
+
 def test_5mb_of_binary_stdin_through_cat_and_its_eof(env, tmp_path):
     data = os.urandom(5_000_000)
     (tmp_path / "big.bin").write_bytes(data)
@@ -475,3 +483,16 @@ def test_doctor_says_which_images_are_missing_and_runs_a_call_in_one_that_is_the
     assert IMAGE not in missing
     assert any(line.startswith("ok") and "ran as job" in line and "on docker" in line
                for line in lines), lines
+
+
+def test_fault_injecting_demux_fails_the_job_with_one_line(env, tmp_path, api):
+    from fault_injection import inject
+    inject(env, tmp_path, "arvwrap.backends.docker.Demux.deliver")
+    result = wrapped(env, "sh -c 'echo BOOM; sleep 30'", timeout=60)
+    assert (result.returncode, result.stdout) == (125, b"")
+    [record] = job_records(env)
+    assert result.stderr.decode().splitlines() == [
+        f"arv-wrap: container {record['backend_id']} (sh): the copy of the output of job "
+        f"{record['id']} failed (RuntimeError: injected; see dispatcher.log)"]
+    assert record["state"] == "failed" and not containers_of(api, record["id"])
+

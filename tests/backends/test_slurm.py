@@ -686,3 +686,36 @@ def test_the_align_pipeline_gives_the_same_results_plainly_wrapped_and_as_a_job(
     plainly = [r for r in records if r["run"] == wrapped_run["id"] and r["kind"] == "job"]
     assert calls(plainly) == HEAVY
     assert next(r for r in plainly if r["argv"][:2] == ["bwa", "mem"])["cpus"] == 2
+
+
+# -- arv-wrap's own machinery failing ---------------------------------------------------
+
+def test_fault_injecting_stream_copy_fails_the_job_with_one_line(env, tmp_path):
+    """A crash in the thread that copies the job's stdout: the job is failed (125), the
+    caller gets one line saying so, and the dispatcher serves the next call."""
+    from fault_injection import inject
+    inject(env, tmp_path, "arvwrap.backends.remote.streams.Stream._keep")
+    result = wrapped(env, "probe echo BOOM", timeout=90)
+    assert (result.returncode, result.stdout) == (125, b"")
+    [line] = result.stderr.decode().splitlines()
+    assert line.startswith("arv-wrap: job ") and line.endswith(
+        "the copy of the stdout of job " + job_records(env)[0]["id"]
+        + " failed (RuntimeError: injected; see dispatcher.log)"), line
+    assert job_records(env)[0]["state"] == "failed"
+    again = wrapped(env, "probe echo fine", timeout=90)
+    assert (again.returncode, again.stdout) == (0, b"fine\n")
+
+
+
+def test_a_backend_whose_machinery_gave_up_fails_its_next_jobs_at_once():
+    """A thread that kept crashing stops the backend: each later job fails with one line,
+    as a backend error (on_backend_error: local would run it here)."""
+    need("srun")
+    from types import SimpleNamespace
+    from arvwrap.backends import slurm
+    backend = slurm.Backend({})
+    backend.stop("the slurm status poller failed (ValueError: x; see dispatcher.log)")
+    outcome = backend.run(SimpleNamespace(tool="bwa", id="01J"), None)
+    assert (outcome.state, outcome.run_locally) == ("failed", True)
+    assert outcome.message == ("the slurm backend stopped: the slurm status poller failed "
+                               "(ValueError: x; see dispatcher.log)")

@@ -27,7 +27,6 @@ job on this host removes every container labelled with a dispatcher pid that is
 no longer a dispatcher (`reap`).
 """
 import os
-import re
 import resource
 import select
 import signal
@@ -37,7 +36,11 @@ import struct
 import threading
 import time
 
-from arvwrap.backends import BackendError
+from arvwrap import paths
+from arvwrap.backends import BackendError, base
+from arvwrap.backends.remote import guard
+from arvwrap.backends.remote.fds import close, received, write_all
+from arvwrap.backends.remote.streams import Log
 from arvwrap.jobspec import Outcome, on_oversize
 
 MIB = 1 << 20
@@ -55,7 +58,6 @@ SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
                "/proc", "/run", "/sbin", "/sys", "/usr", "/usr/bin", "/usr/lib",
                "/usr/lib64", "/usr/libexec", "/usr/local", "/usr/sbin", "/usr/share", "/var"}
 PSEUDO_FS = ("/proc/", "/sys/", "/dev/")
-DESCRIPTOR_ARG = re.compile(rb"/dev/fd/\d|/proc/self/fd/\d|/proc/\d+/fd/\d")
 RLIMIT_NAMES = {getattr(resource, f"RLIMIT_{n.upper()}"): n for n in (
     "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
     "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
@@ -79,10 +81,17 @@ PROCESS_STATE = (
 )
 
 
-class Backend:
+class Backend(base.Backend):
     name = "docker"
+    carries_descriptors = False
+    fractional_cpus = True          # nano_cpus: cpus: 0.5 is half a CPU
+    relays_streams = True
+    shared_filesystem = False       # the engine is on this host: bind mounts
+    process_state = PROCESS_STATE
+    job_noun = "a container"
 
-    def __init__(self, config):
+    def __init__(self, config=None, state_dir=None):
+        super().__init__(config, state_dir)
         try:
             import docker
         except ImportError:
@@ -99,6 +108,7 @@ class Backend:
             raise BackendError(f"docker: only a unix socket or plain tcp:// engine will do, "
                                f"not {os.environ.get('DOCKER_HOST')}")
         self.host = socket.gethostname()
+        self.log_dir = os.path.join(state_dir or paths.state_dir(), "logs")  # `arv-wrap logs`
         self.lock = threading.Lock()
         self.pulls = {}           # image -> lock: one pull at a time per image
         self.info = None
@@ -152,6 +162,34 @@ class Backend:
         return (f"docker: engine {version.get('Version')} (API {version.get('ApiVersion')}); "
                 f"{cpus:g} CPUs, {memory // MIB} MiB")
 
+    @classmethod
+    def doctor_checks(cls, load, rules):
+        """Which images the whitelist names are not on the engine."""
+        images = named_images(rules)
+        if not images:
+            return [(True, "images: the whitelist names none (the docker backend needs one "
+                           "per rule)")]
+        try:
+            missing = load().missing_images(images)
+        except Exception as e:
+            return [(False, f"images: cannot ask the engine: {e}")]
+        if missing:
+            return [(False, f"images missing on the engine (pulled on first use when a "
+                            f"registry answers): {', '.join(missing)}")]
+        return [(True, f"images: all {len(images)} the whitelist names are there")]
+
+    @classmethod
+    def doctor_probe(cls, load, rules):
+        """`sh -c true` in an image the whitelist names that the engine holds."""
+        try:
+            missing = set(load().missing_images(named_images(rules)))
+        except Exception:
+            missing = set(named_images(rules))
+        images = [i for i in named_images(rules) if i not in missing]
+        if not images:
+            return "round trip skipped: no image of the whitelist is on the engine"
+        return "sh", ["sh", "-c", "true"], f"\n    image: '{images[0]}'"
+
     def missing_images(self, images):
         """Those of images the engine does not hold (for `arv-wrap doctor`)."""
         missing = []
@@ -198,10 +236,6 @@ class Backend:
         if not image:
             text = f"{job.tool}: its rule names no image (the docker backend needs `image:`)"
             return Outcome("failed", reason=text, message=text)
-        if any(n > 2 for n in job.fds) or any(DESCRIPTOR_ARG.search(a) for a in job.argv[1:]):
-            return Outcome("failed", use_local_backend=True,
-                           reason="an argument names one of the caller's descriptors "
-                                  "(/dev/fd/N), which a container cannot reach")
         try:
             self.reap_once()
             refused = self.fit(job) or self.ensure_image(image, job)
@@ -288,6 +322,7 @@ class Container:
     def __init__(self, backend, job, started, spec):
         self.api, self.errors = backend.api, backend.errors
         self.backend = backend
+        self.log_dir = backend.log_dir
         self.job, self.started, self.spec = job, started, spec
         self.id = None
         self.label = job.tool
@@ -296,6 +331,7 @@ class Container:
         self.exit = None          # the engine's wait answer, once it exited
         self.copier = None
         self.pump = None
+        self.failure = guard.JobFailure(job)   # arv-wrap's own threads failed it
         self.sock = self.raw = None
 
     def run(self):
@@ -307,10 +343,12 @@ class Container:
             except (self.errors.DockerException, OSError) as e:
                 return engine_trouble(e, self.id is not None)
             self.started(self.id[:12])
-            self.copier = Demux(self.sock, job.fds.get(1), job.fds.get(2), self.notify)
+            self.copier = Demux(self.sock, job.fds.get(1), job.fds.get(2), self.notify,
+                                f"the output of job {job.id}", self.failure,
+                                os.path.join(self.log_dir, f"{job.id}.stderr"))
             if stdin is not None:
-                self.pump = Pump(stdin, self.sock)
-            threading.Thread(target=self.wait, daemon=True).start()
+                self.pump = Pump(stdin, self.sock, f"the stdin of job {job.id}", self.failure)
+            guard.start(f"the wait for job {job.id}", self.wait, on_crash=self.failure)
             return self.steer()
         finally:
             self.cleanup(stdin)
@@ -371,6 +409,8 @@ class Container:
                 why = job.cancel_reason
             if why is None and deadline and now >= deadline:
                 why = f"{job.tool} exceeded its time limit of {job.time_limit}s"
+            if why is None and self.failure.reason:
+                why = self.failure.reason
             if why is not None and kill_at is None:
                 self.kill(signal.SIGTERM)
                 kill_at = now + KILL_GRACE
@@ -394,6 +434,9 @@ class Container:
 
     def outcome(self, why):
         job, status = self.job, self.exit.get("StatusCode")
+        if why is not None and why == self.failure.reason:
+            text = f"{self.label}: {why}"
+            return Outcome("failed", reason=text, message=text)
         if status is None:
             text = (f"{self.label}: the engine lost it: "
                     f"{(self.exit.get('Error') or {}).get('Message')}")
@@ -444,29 +487,33 @@ class Demux:
     Without a TTY the engine sends frames: one byte of stream id (1 stdout, 2 stderr),
     three zero bytes, a 32-bit big-endian length, then that many bytes."""
 
-    def __init__(self, sock, out_fd, err_fd, wake):
+    log = None                    # the kept copy of stderr (a streams.Log), if any
+
+    def __init__(self, sock, out_fd, err_fd, wake, what="the output", on_fail=None,
+                 log_path=None):
         self.sock = sock
         self.targets = {1: out_fd, 2: err_fd}
         self.wake = wake          # told when it ends, or a reader went away
         self.broken = False       # a target's reader is gone
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self.copy, daemon=True)
-        self.thread.start()
+        if log_path:
+            try:
+                self.log = Log(log_path)
+            except OSError:
+                pass              # no copy kept; the stream itself is what matters
+        self.thread = guard.start(f"the copy of {what}", self.copy, on_crash=on_fail,
+                                  then=self.finished)
+
+    def finished(self):
+        if self.log is not None:
+            self.log.close()
+        self.done.set()
+        self.wake()
 
     def copy(self):
         pending = b""
-        try:
-            while True:
-                try:
-                    data = self.sock.recv(1 << 16)
-                except OSError:
-                    break
-                if not data:
-                    break
-                pending = self.deliver(pending + data)
-        finally:
-            self.done.set()
-            self.wake()
+        for data in received(self.sock):
+            pending = self.deliver(pending + data)
 
     def deliver(self, data):
         """Write every whole frame in data (a partial frame is written as far as it
@@ -482,6 +529,8 @@ class Demux:
         return data[at:]
 
     def write(self, kind, body):
+        if kind == 2 and self.log is not None and body:
+            self.keep(bytes(body))
         fd = self.targets.get(kind)
         if fd is None or not body:
             return
@@ -493,6 +542,13 @@ class Demux:
             self.wake()
         except OSError:
             self.targets[kind] = None
+
+    def keep(self, data):
+        try:
+            self.log.write(data)
+        except OSError:
+            self.log.close()
+            self.log = None
 
     def cut(self):
         """Stop waiting for the rest of the output."""
@@ -512,11 +568,10 @@ class Pump:
     """Copies the caller's stdin into the container; our write side closed at its end
     is the tool's EOF (the container is stdin_once)."""
 
-    def __init__(self, source, sock):
+    def __init__(self, source, sock, what="stdin", on_fail=None):
         self.source, self.sock = source, sock
         self.stop_r, self.stop_w = os.pipe2(os.O_CLOEXEC)
-        self.thread = threading.Thread(target=self.copy, daemon=True)
-        self.thread.start()
+        self.thread = guard.start(f"the copy of {what}", self.copy, on_crash=on_fail)
 
     def copy(self):
         poller = select.poll()
@@ -672,6 +727,11 @@ def signal_of(status):
     return signum if 0 < signum < signal.NSIG else None
 
 
+def named_images(rules):
+    """The images the whitelist's rules name (rules: a Whitelist, or None)."""
+    return sorted({r.image for r in rules.rules if r.image}) if rules else []
+
+
 def dispatcher_alive(labels):
     """Whether the dispatcher a container's labels name still runs (same start time)."""
     try:
@@ -727,17 +787,6 @@ def text(value, why):
         raise NotText(why) from None
 
 
-def write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except BlockingIOError:        # the caller's descriptor is non-blocking
-            poller = select.poll()
-            poller.register(fd, select.POLLOUT)
-            poller.poll(1000)
-
-
 def drain(fd):
     try:
         while os.read(fd, 512):
@@ -745,10 +794,3 @@ def drain(fd):
     except (BlockingIOError, OSError):
         pass
 
-
-def close(fd):
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -20,10 +20,13 @@ jobs at once.
 The scheduler is not thread-safe: the dispatcher calls it from its event loop.
 """
 import collections
+import dataclasses
 import os
 import signal
 import stat
+from typing import Optional
 
+from arvwrap.backends import base
 from arvwrap.jobspec import Outcome, on_oversize
 
 KILL_GRACE = 5.0   # seconds between SIGTERM and SIGKILL when arv-wrap ends a job
@@ -37,9 +40,22 @@ PROCESS_STATE = (
     "oom_score_adj, no_new_privs, rlimits, umask)",)
 
 
-def parse_budget(config):
-    cpus = config.get("cpus") or len(os.sched_getaffinity(0))
-    memory = config.get("memory") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def _size(text):
+    from arvwrap.whitelist import parse_memory
+    return parse_memory(text)
+
+
+@dataclasses.dataclass
+class Settings:
+    """ARV_WRAP_LOCAL_CPUS, ARV_WRAP_LOCAL_MEMORY: the budget (default: the machine's)."""
+    cpus: Optional[float] = None
+    memory: Optional[int] = dataclasses.field(
+        default=None, metadata={"parse": _size, "expected": "a size (8G, 512M)"})
+
+
+def parse_budget(settings):
+    cpus = settings.cpus or len(os.sched_getaffinity(0))
+    memory = settings.memory or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return float(cpus), int(memory)
 
 
@@ -236,11 +252,19 @@ class Scheduler:
         return started
 
 
-class Backend:
+class Backend(base.Backend):
+    """Its jobs are started by the client (arvwrap.local_jobs): no run() here."""
     name = "local"
+    Settings = Settings
+    carries_descriptors = True
+    fractional_cpus = True
+    relays_streams = False
+    process_state = PROCESS_STATE
+    job_noun = "a local job"
 
-    def __init__(self, config):
-        cpus, memory = parse_budget(config)
+    def __init__(self, config=None, state_dir=None):
+        super().__init__(config, state_dir)
+        cpus, memory = parse_budget(self.settings)
         self.scheduler = Scheduler(cpus, memory)
 
     def check(self):

@@ -42,10 +42,17 @@ ancestors hold the pipe's write end, as a driver that never writes does), so a
 reader never holds the node while its writer waits for it.
 
 Many jobs: submissions go through a throttle (ARV_WRAP_SLURM_SUBMIT_RATE jobs/s,
-ARV_WRAP_SLURM_MAX_JOBS in flight); one monitor thread makes at most one batched
+ARV_WRAP_SLURM_MAX_JOBS in flight); one status poller makes at most one batched
 ``squeue`` per ARV_WRAP_SLURM_POLL seconds for all jobs of the backend, and only
 while there are jobs: it cancels (one ``scancel`` for all) jobs whose srun died,
 and ends an srun whose job Slurm no longer knows.
+
+The relay, the streams, the stdin spool, the throttle and the poller are the shared
+remote machinery of arvwrap.backends.remote; this module is what is Slurm's: srun,
+its messages, sinfo, squeue and scancel. A background thread that crashes fails
+the jobs it concerns (arvwrap.backends.remote.guard); one that keeps crashing
+stops the backend: its later jobs fail at once (or run locally, as
+on_backend_error says).
 """
 import logging
 import math
@@ -53,34 +60,53 @@ import os
 import re
 import resource
 import secrets
-import select
-import selectors
 import shutil
 import signal
 import socket
-import stat
 import subprocess
-import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from arvwrap import paths
-from arvwrap.backends import BackendError
-from arvwrap.redact import StreamRedactor
+from arvwrap.backends import BackendError, base
+from arvwrap.backends.remote import fds, guard
+from arvwrap.backends.remote.poller import StatusPoller
+from arvwrap.backends.remote.relay import Relay
+from arvwrap.backends.remote.spool import Spool, hold_until_input, plan_stdin
+from arvwrap.backends.remote.streams import Log, Stream
+from arvwrap.backends.remote.throttle import Throttle
 from arvwrap.jobspec import Outcome, on_oversize
 
 log = logging.getLogger("arvwrap.dispatcher")
 MIB = 1 << 20
 KILL_GRACE = 10.0        # s between SIGTERM and SIGKILL of an srun that must end
 STREAM_GRACE = 5.0       # s to wait for a stream's end after srun exited
-HANDSHAKE_TIMEOUT = 30.0  # s a relay connection may take to send its token
-SPOOL_CAP = 64 * MIB     # unread spool bytes at which the pump pauses (job running)
-LOG_KEEP = 1 * MIB       # a job's kept stderr: its last LOG_KEEP bytes, once ...
-LOG_TRIM_AT = 2 * MIB    # ... the file would pass LOG_TRIM_AT
-HOLD_RECHECK = 0.2       # s between checks of a held pipe reader
 GONE_POLLS = 3           # polls without its job in squeue before an srun is ended
 ENV_DROP = (b"SLURM_", b"SBATCH_", b"SALLOC_", b"SRUN_")
-DESCRIPTOR_ARG = re.compile(rb"/dev/fd/\d|/proc/self/fd/\d|/proc/\d+/fd/\d")
+
+
+@dataclass
+class Settings:
+    """ARV_WRAP_SLURM_SUBMIT_RATE, _MAX_JOBS, _POLL, _TIMEOUT, _LISTEN, _HOST (README)."""
+    submit_rate: float = 10.0      # submissions per second
+    max_jobs: int = field(default=500, metadata={"parse": lambda text: int(float(text)),
+                                                 "expected": "a number"})
+    poll: float = 2.0              # s between batched squeue rounds (0.2 at least)
+    timeout: float = 20.0          # s to wait for a controller that does not answer
+    listen: str = "0.0.0.0"        # where the stream relay listens
+    host: Optional[str] = None     # the address the nodes connect to (else found)
+    connect_timeout: Optional[str] = None   # the relay's, on the node (default 20 s)
+
+
+@dataclass
+class Options:
+    """The whitelist's `slurm:` block (a file's, then its tools')."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    extra: List[str] = field(default_factory=list, metadata={"merge": "append"})
 
 # What of the caller's process state reaches the tool on the node, for `arv-wrap check`
 # (srun carries the environment, the cwd path, umask and soft limits; the relay the rest).
@@ -118,14 +144,6 @@ RLIMIT_NAMES = {getattr(resource, f"RLIMIT_{n.upper()}"): n for n in (
     "rss", "rtprio", "rttime", "sigpending", "stack") if hasattr(resource, f"RLIMIT_{n.upper()}")}
 
 
-def _float_env(name, default):
-    value = os.environ.get(name)
-    try:
-        return float(value) if value else default
-    except ValueError:
-        raise BackendError(f"{name}={value!r} is not a number") from None
-
-
 class Counters:
     """What the backend asked of Slurm, for `arv-wrap doctor` and the bench."""
 
@@ -144,362 +162,6 @@ class Counters:
     def snapshot(self):
         with self.lock:
             return {k: v for k, v in vars(self).items() if k != "lock"}
-
-
-class Throttle:
-    """At most `rate` submissions per second and `limit` jobs in flight, first come first served."""
-
-    def __init__(self, rate, limit):
-        self.rate = rate
-        self.limit = limit
-        self.in_flight = 0
-        self.tokens = max(1.0, rate)
-        self.stamp = time.monotonic()
-        self.queue = []
-        self.cond = threading.Condition()
-
-    def acquire(self, job):
-        """Wait for a slot; False if the job was cancelled meanwhile."""
-        with self.cond:
-            job.on_wake = self.wake
-            self.queue.append(job)
-            try:
-                while True:
-                    if job.cancel_reason:
-                        return False
-                    self._refill()
-                    if (self.queue[0] is job and self.in_flight < self.limit
-                            and self.tokens >= 1):
-                        self.tokens -= 1
-                        self.in_flight += 1
-                        return True
-                    wait = None
-                    if self.tokens < 1 and self.rate > 0:
-                        wait = (1 - self.tokens) / self.rate
-                    self.cond.wait(wait)
-            finally:
-                self.queue.remove(job)
-                job.on_wake = None
-                self.cond.notify_all()
-
-    def release(self):
-        with self.cond:
-            self.in_flight -= 1
-            self.cond.notify_all()
-
-    def wake(self):
-        with self.cond:
-            self.cond.notify_all()
-
-    def _refill(self):
-        now = time.monotonic()
-        if self.rate > 0:
-            self.tokens = min(max(1.0, self.rate), self.tokens + (now - self.stamp) * self.rate)
-        else:
-            self.tokens = 1.0
-        self.stamp = now
-
-
-class Relay:
-    """The TCP listener the relays on the nodes connect back to.
-
-    A job registers a one-time token; the first connection that sends "o<token>\\n"
-    (stdout) or "e<token>\\n" (stderr) is handed to it. Anything else is dropped.
-    """
-
-    def __init__(self, bind_host, advertise_host):
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((bind_host, 0))
-        self.sock.listen(1024)
-        self.sock.setblocking(False)
-        self.host = advertise_host
-        self.port = self.sock.getsockname()[1]
-        self.lock = threading.Lock()
-        self.waiting = {}          # b"o" + token -> callback(sock, leftover)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.sock, selectors.EVENT_READ, None)
-        threading.Thread(target=self._serve, name="slurm-relay", daemon=True).start()
-
-    def expect(self, token, on_stdout, on_stderr):
-        with self.lock:
-            self.waiting[b"o" + token] = on_stdout
-            self.waiting[b"e" + token] = on_stderr
-
-    def forget(self, token):
-        with self.lock:
-            self.waiting.pop(b"o" + token, None)
-            self.waiting.pop(b"e" + token, None)
-
-    def _serve(self):
-        pending = {}     # sock -> deadline
-        while True:
-            for key, _ in self.selector.select(timeout=1.0):
-                if key.fileobj is self.sock:
-                    self._accept(pending)
-                else:
-                    self._handshake(key.fileobj, pending)
-            now = time.monotonic()
-            for conn in [c for c, deadline in pending.items() if deadline < now]:
-                self._drop(conn, pending, f"no token within {HANDSHAKE_TIMEOUT:g}s")
-
-    def _accept(self, pending):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            conn.setblocking(False)
-            pending[conn] = time.monotonic() + HANDSHAKE_TIMEOUT
-            self.selector.register(conn, selectors.EVENT_READ, None)
-
-    def _handshake(self, conn, pending):
-        try:
-            head = conn.recv(128, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            head = b""
-        end = head.find(b"\n")
-        if not head or (end < 0 and len(head) >= 128):
-            self._drop(conn, pending, "it sent no token line" if head
-                       else "it closed before sending a token")
-            return
-        if end < 0:
-            return
-        conn.recv(end + 1)
-        with self.lock:
-            handler = self.waiting.pop(head[:end], None)
-        if handler is None:
-            # never the bytes it sent in the log: they may be a real token, mistyped
-            self._drop(conn, pending, "its token is no running job's (or was used already)")
-            return
-        self.selector.unregister(conn)
-        del pending[conn]
-        conn.setblocking(True)
-        handler(conn)
-
-    def _drop(self, conn, pending, why=None):
-        if why:
-            try:
-                peer = "%s:%s" % conn.getpeername()[:2]
-            except OSError:
-                peer = "a peer gone"
-            log.warning("slurm relay: refused a connection from %s: %s", peer, why)
-        try:
-            self.selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        pending.pop(conn, None)
-        conn.close()
-
-
-class Log:
-    """A job's stderr kept as it arrives (`arv-wrap logs JOB --follow` reads it live),
-    capped: the file never passes LOG_TRIM_AT; when it would, it is cut to its last
-    bytes, in place, so a reader that holds it open keeps reading the same file."""
-
-    def __init__(self, path):
-        self.fd = Log.create(path, os.O_RDWR)
-        self.size = os.fstat(self.fd).st_size
-
-    @staticmethod
-    def create(path, mode=os.O_WRONLY):
-        """Open the job's log, made 0600 in a 0700 dir if missing (never truncated: the
-        job's start and its stream may both come first)."""
-        paths.private_dir(os.path.dirname(path))
-        return os.open(path, mode | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-
-    def write(self, data):
-        if self.size + len(data) > LOG_TRIM_AT:
-            keep = max(0, LOG_KEEP - len(data))
-            tail = os.pread(self.fd, keep, self.size - keep) if keep else b""
-            os.pwrite(self.fd, tail, 0)
-            os.ftruncate(self.fd, len(tail))
-            self.size = len(tail)
-            data = data[-LOG_KEEP:]
-        os.pwrite(self.fd, data, self.size)
-        self.size += len(data)
-
-    def close(self):
-        _close(self.fd)
-
-
-class Stream:
-    """Copies one relay connection to one of the caller's descriptors, in a thread,
-    and to a Log if given one (its path)."""
-
-    def __init__(self, target_fd, log_path=None, secrets=()):
-        self.target = target_fd
-        self.log_path = log_path
-        self.redactor = StreamRedactor(secrets)     # the kept copy never holds a secret
-        self.done = threading.Event()
-        self.connected = threading.Event()
-        self.sock = None
-
-    def attach(self, sock):
-        self.sock = sock
-        self.connected.set()
-        threading.Thread(target=self._copy, daemon=True).start()
-
-    def _copy(self):
-        sock, target = self.sock, self.target
-        log = None
-        try:
-            if self.log_path:
-                try:
-                    log = Log(self.log_path)
-                except OSError:
-                    pass       # no copy kept; the stream itself is what matters
-            while True:
-                try:
-                    data = sock.recv(1 << 16)
-                except OSError:
-                    break
-                if not data:
-                    break
-                if log is not None:
-                    try:
-                        log.write(self.redactor.feed(data))
-                    except OSError:
-                        log.close()
-                        log = None
-                if target is None:
-                    break       # the caller has no such descriptor: the tool gets EPIPE
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(target, view):]
-                except OSError:
-                    break       # the caller's reader is gone: close, the tool gets EPIPE
-        finally:
-            if log is not None:
-                try:
-                    log.write(self.redactor.flush())
-                except OSError:
-                    pass
-                log.close()
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-            self.done.set()
-
-    def finish(self, timeout):
-        """Wait for the end of the stream (after srun exited); cut it after timeout."""
-        if not self.connected.is_set():
-            return
-        if not self.done.wait(timeout) and self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.done.wait(1.0)
-
-
-class Spool:
-    """Drains the caller's stdin pipe into an unlinked 0600 file and feeds srun from it.
-
-    While the job waits in Slurm's queue the pump reads without limit, so a writer
-    upstream never blocks on it; once the job runs, the pump pauses when SPOOL_CAP
-    bytes are unread, as a pipe would make the writer wait for a slow reader.
-    """
-
-    def __init__(self, source_fd, spool_dir):
-        fd, path = tempfile.mkstemp(prefix="stdin-", suffix=".spool", dir=spool_dir)
-        os.unlink(path)
-        self.file = fd
-        self.source = source_fd
-        self.written = 0
-        self.fed = 0
-        self.eof = False
-        self.running = False
-        self.stopped = False
-        self.cond = threading.Condition()
-        self.stop_r, self.stop_w = os.pipe2(os.O_CLOEXEC)
-        self.feed_r, self.feed_w = os.pipe2(os.O_CLOEXEC)   # srun's stdin
-        self.threads = [threading.Thread(target=self._pump, daemon=True),
-                        threading.Thread(target=self._feed, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def srun_started(self):
-        """srun holds the read end of its stdin now; ours must go so the feeder sees EPIPE."""
-        _close(self.feed_r)
-        self.feed_r = None
-
-    def job_running(self):
-        with self.cond:
-            self.running = True
-            self.cond.notify_all()
-
-    def _pump(self):
-        try:
-            while True:
-                with self.cond:
-                    while (self.running and not self.stopped
-                           and self.written - self.fed >= SPOOL_CAP):
-                        self.cond.wait()
-                    if self.stopped:
-                        return
-                ready, _, _ = _select([self.source, self.stop_r])
-                if self.stop_r in ready:
-                    return
-                try:
-                    data = os.read(self.source, 1 << 20)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    os.pwrite(self.file, data, self.written)
-                with self.cond:
-                    if data:
-                        self.written += len(data)
-                    else:
-                        self.eof = True
-                    self.cond.notify_all()
-                if not data:
-                    return
-        finally:
-            with self.cond:
-                self.eof = True
-                self.cond.notify_all()
-
-    def _feed(self):
-        try:
-            while True:
-                with self.cond:
-                    while self.fed >= self.written and not self.eof and not self.stopped:
-                        self.cond.wait()
-                    if self.stopped or (self.fed >= self.written and self.eof):
-                        return
-                    start, end = self.fed, min(self.written, self.fed + (1 << 20))
-                data = os.pread(self.file, end - start, start)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.feed_w, view):]
-                with self.cond:
-                    self.fed += len(data)
-                    self.cond.notify_all()
-        except OSError:
-            pass     # srun stopped reading (the tool ended)
-        finally:
-            _close(self.feed_w)
-
-    def close(self):
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
-        os.write(self.stop_w, b"x")
-        for t in self.threads:
-            t.join(5)
-        for fd in (self.file, self.stop_r, self.stop_w, self.feed_r):
-            _close(fd)
 
 
 class Attempt:
@@ -567,14 +229,23 @@ class Attempt:
                 self.no_relay = failed.group(1).strip()
 
 
-class Backend:
+class Backend(base.RemoteBackend):
     name = "slurm"
+    Settings = Settings
+    Options = Options
+    carries_descriptors = False
+    fractional_cpus = False
+    relays_streams = True
+    shared_filesystem = True
+    process_state = PROCESS_STATE
+    job_noun = "a Slurm job"
 
-    def __init__(self, config):
-        self.rate = _float_env("ARV_WRAP_SLURM_SUBMIT_RATE", 10.0)
-        self.max_jobs = int(_float_env("ARV_WRAP_SLURM_MAX_JOBS", 500))
-        self.poll = max(0.2, _float_env("ARV_WRAP_SLURM_POLL", 2.0))
-        self.timeout = _float_env("ARV_WRAP_SLURM_TIMEOUT", 20.0)
+    def __init__(self, config=None, state_dir=None):
+        super().__init__(config, state_dir)
+        self.rate = self.settings.submit_rate
+        self.max_jobs = int(self.settings.max_jobs)
+        self.poll_interval = max(0.2, self.settings.poll)
+        self.timeout = self.settings.timeout
         self.tools = {}
         for tool in ("srun", "scancel", "squeue", "sinfo", "scontrol"):
             path = shutil.which(tool)
@@ -584,24 +255,20 @@ class Backend:
         # the relay on the nodes and the launcher in front of srun (the shared
         # filesystem makes this path valid on the nodes too)
         self.helper = paths.HELPER
-        self.bind_host = os.environ.get("ARV_WRAP_SLURM_LISTEN") or "0.0.0.0"
-        self.advertise = os.environ.get("ARV_WRAP_SLURM_HOST")   # else found with the relay
+        self.bind_host = self.settings.listen
+        self.advertise = self.settings.host     # else found with the relay
         self._relay_lock = threading.Lock()
         # the dispatcher's state dir, as the client computed it from the same environment
-        state = config.get("state_dir") or paths.state_dir()
+        state = state_dir or paths.state_dir()
         self.spool_dir = os.path.join(state, "spool")
         self.log_dir = os.path.join(state, "logs")     # read by `arv-wrap logs`
         self.counters = Counters()
         self.throttle = Throttle(self.rate, max(1, self.max_jobs))
-        self.lock = threading.Lock()
         self.relay = None
-        self.live = {}             # slurm id -> Live, while its srun runs
-        self.orphans = {}          # slurm id -> job name, to cancel (their srun is gone)
-        self.orphan_names = set()  # job names to cancel (submissions we gave up on)
+        self.stopped = None        # why it takes no more jobs (a machinery thread died)
         self.trouble_at = None     # when a Slurm command last found no controller
-        self.cancelling = set()    # names the monitor is cancelling in this round
-        self.monitor_wake = threading.Condition(self.lock)
-        self.monitor = None
+        self.poller = StatusPoller("the slurm status poller", self.poll, self.cancel,
+                                   self.poll_interval, on_give_up=self.stop)
         self._nodes = None
         self._nodes_at = 0.0
         self._nodes_lock = threading.Lock()
@@ -641,7 +308,7 @@ class Backend:
             try:
                 return self._read_nodes()
             except subprocess.TimeoutExpired:
-                self._nodes_failed_until = time.monotonic() + max(self.poll, 5.0)
+                self._nodes_failed_until = time.monotonic() + max(self.poll_interval, 5.0)
                 raise
 
     def _read_nodes(self):
@@ -696,7 +363,7 @@ class Backend:
 
     def fit(self, job):
         """Apply on_oversize against the largest node of the job's partition; None if it fits."""
-        partition = job.slurm.get("partition")
+        partition = self.options(job).partition
         where = f"partition {partition}" if partition else "the cluster"
         offerer = f"the largest node of {where}"
         try:
@@ -737,31 +404,38 @@ class Backend:
 
     # -- one job --
     def run(self, job, started):
-        if any(DESCRIPTOR_ARG.search(a) for a in job.argv[1:]) or any(n > 2 for n in job.fds):
-            return Outcome("failed", use_local_backend=True,
-                           reason="an argument names one of the caller's descriptors "
-                                  "(/dev/fd/N), which a Slurm job cannot reach")
+        if self.stopped:
+            text = f"the slurm backend stopped: {self.stopped}"
+            return Outcome("failed", run_locally=True, reason=text, message=text)
         refused = self.fit(job)
         if refused:
             return refused
-        stdin, spool_source = self.plan_stdin(job)
+        stdin, spool_source = plan_stdin(job)
         try:
             if spool_source is not None and not hold_until_input(job, spool_source):
                 return self.cancelled_before_start(job)
             if not self.throttle.acquire(job):
                 return self.cancelled_before_start(job)
-            spool = None
             try:
-                if spool_source is not None:
-                    paths.private_dir(self.spool_dir)
-                    spool = Spool(spool_source, self.spool_dir)
-                return Live(self, job, started, stdin, spool).run()
+                return self.run_admitted(job, started, stdin, spool_source)
             finally:
                 self.throttle.release()
-                if spool is not None:
-                    spool.close()
         finally:
-            _close(stdin)
+            fds.close(stdin)
+
+    def run_admitted(self, job, started, stdin, spool_source):
+        """The job, once the throttle let it go: its stdin spooled if need be, and srun."""
+        failure = guard.JobFailure(job)
+        spool = None
+        try:
+            if spool_source is not None:
+                paths.private_dir(self.spool_dir)
+                spool = Spool(spool_source, self.spool_dir, f"the stdin of job {job.id}",
+                              on_fail=failure)
+            return Live(self, job, started, stdin, spool, failure).run()
+        finally:
+            if spool is not None:
+                spool.close()
 
     @staticmethod
     def cancelled_before_start(job):
@@ -769,29 +443,17 @@ class Backend:
         return Outcome("cancelled", reason=reason,
                        message=f"job {job.id} ({job.tool}) cancelled: {reason}")
 
-    def plan_stdin(self, job):
-        """(descriptor for srun's stdin or None for /dev/null, caller pipe to spool or None)."""
-        fd = job.fds.get(0)
-        if job.stdin == "none" or fd is None:
-            return None, None
-        if job.stdin == "pass":
-            return os.dup(fd), None
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            try:
-                again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return os.dup(fd), None
-            os.lseek(again, os.lseek(fd, 0, os.SEEK_CUR), os.SEEK_SET)
-            return again, None
-        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-            return None, fd
-        return os.dup(fd), None
+    def stop(self, reason):
+        """A thread of its machinery gave up: take no more jobs (each fails at once)."""
+        log.error("the slurm backend stops taking jobs: %s", reason)
+        self.stopped = reason
 
     def relay_for(self):
         with self._relay_lock:
             if self.relay is None:
-                self.relay = Relay(self.bind_host, self.advertise or self.own_address())
+                self.relay = Relay(self.bind_host, self.advertise or self.own_address(),
+                                   "the slurm stream relay", on_give_up=self.stop,
+                                   label="slurm relay")
             return self.relay
 
     def own_address(self):
@@ -824,10 +486,11 @@ class Backend:
             args.append(f"--mem={max(1, -(-job.memory // MIB))}M")
         if job.time_limit:
             args.append(f"--time={max(1, -(-job.time_limit // 60))}")
+        options = self.options(job)
         for key in ("partition", "account", "qos"):
-            if job.slurm.get(key):
-                args.append(f"--{key}={job.slurm[key]}")
-        args += list(job.slurm.get("extra") or ())
+            if getattr(options, key):
+                args.append(f"--{key}={getattr(options, key)}")
+        args += list(options.extra)
         if job.stdin == "none" or 0 not in job.fds:
             args.append("--input=none")
         # srun reads a bare ":" anywhere in its command line as the start of another
@@ -844,9 +507,8 @@ class Backend:
         env[b"ARV_WRAP_SLURM_HOST"] = os.fsencode(relay.host)
         env[b"ARV_WRAP_SLURM_PORT"] = str(relay.port).encode()
         env[b"ARV_WRAP_SLURM_TOKEN"] = token
-        if os.environ.get("ARV_WRAP_SLURM_CONNECT_TIMEOUT"):    # the relay's (default 20 s)
-            env[b"ARV_WRAP_SLURM_CONNECT_TIMEOUT"] = os.fsencode(
-                os.environ["ARV_WRAP_SLURM_CONNECT_TIMEOUT"])
+        if self.settings.connect_timeout:
+            env[b"ARV_WRAP_SLURM_CONNECT_TIMEOUT"] = os.fsencode(self.settings.connect_timeout)
         for name in (b"PWD", b"SHLVL"):
             if name in job.env:
                 env[b"ARV_WRAP_SLURM_" + name] = b"=" + job.env[name]
@@ -912,32 +574,47 @@ class Backend:
             self.trouble_at = time.monotonic()
         return done
 
-    # -- the monitor: one batched squeue per interval, only while jobs run --
+    # -- asked by the status poller: one batched squeue per round --
+    def poll(self, ids):
+        """{slurm id: (state, job name)} of every job of ours that squeue lists; None
+        if it failed."""
+        try:
+            out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
+                            timeout=self.timeout, counter="status_queries")
+        except (subprocess.TimeoutExpired, OSError):
+            out = None
+        if out is None or out.returncode != 0:
+            self.trouble_at = time.monotonic()
+            return None
+        known = {}
+        for line in out.stdout.splitlines():
+            fields = line.split(None, 2)
+            if len(fields) == 3:
+                known[fields[0]] = (fields[1], fields[2])
+        return known
+
+    def cancel(self, ids, signum=None):
+        done = self.scancel(sorted(ids, key=int), signum=signum)
+        return done is not None and done.returncode == 0
+
     def register(self, live):
-        with self.lock:
-            self.live[live.attempt.slurm_id] = live
-            self.counters.max_in_flight = max(self.counters.max_in_flight, len(self.live))
-            if self.monitor is None:
-                self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
-                                                daemon=True)
-                self.monitor.start()
-            self.monitor_wake.notify_all()
+        count = self.poller.watch(live.attempt.slurm_id, live)
+        self.counters.max_in_flight = max(self.counters.max_in_flight, count)
 
     def forget_by_name(self, name):
         """Cancel, in the background, any job of that name (an answer srun never gave us)."""
-        with self.lock:
-            self.orphan_names.add(name)
-            if self.monitor is None:
-                self.monitor = threading.Thread(target=self._monitor, name="slurm-monitor",
-                                                daemon=True)
-                self.monitor.start()
-            self.monitor_wake.notify_all()
+        def cancelled():
+            done = self.scancel(name=name)
+            return done is not None and done.returncode == 0
+        self.poller.retry(cancelled)
+
+    def unregister(self, live, orphan):
+        self.poller.unwatch(live.attempt.slurm_id, live, orphan=orphan, name=live.name)
 
     def cleaning(self):
         """Jobs still to cancel (the controller was away when they had to be): the
         dispatcher stays until they are, rather than forget them."""
-        with self.lock:
-            return bool(self.orphans or self.orphan_names or self.cancelling)
+        return self.poller.cleaning()
 
     def abandoned(self, records):
         """Jobs a killed dispatcher held (their srun died with it, the job may not
@@ -946,82 +623,43 @@ class Backend:
             argv0 = (record.get("argv") or ["?"])[0]
             self.forget_by_name(job_name(os.path.basename(argv0), record["id"]))
 
-    def unregister(self, live, orphan):
-        with self.lock:
-            if self.live.get(live.attempt.slurm_id) is live:
-                del self.live[live.attempt.slurm_id]
-            if orphan:
-                self.orphans[live.attempt.slurm_id] = live.name
-                self.monitor_wake.notify_all()
-
-    def _monitor(self):
-        last = time.monotonic()
-        while True:
-            with self.lock:
-                while not self.live and not self.orphans and not self.orphan_names:
-                    self.monitor_wake.wait()
-                # at most one round per interval, whatever wakes us
-                while time.monotonic() < last + self.poll:
-                    self.monitor_wake.wait(last + self.poll - time.monotonic())
-                orphans = dict(self.orphans)
-                names, self.orphan_names = self.orphan_names, set()
-                self.cancelling = set(names)
-            last = time.monotonic()
-            for name in names:
-                done = self.scancel(name=name)
-                with self.lock:
-                    if done is None or done.returncode != 0:
-                        self.orphan_names.add(name)     # the controller is still away
-                    self.cancelling.discard(name)
-            try:
-                out = self._run("squeue", ["-h", "-u", str(os.getuid()), "-o", "%i %T %j"],
-                                timeout=self.timeout, counter="status_queries")
-            except (subprocess.TimeoutExpired, OSError):
-                out = None
-            if out is None or out.returncode != 0:
-                self.trouble_at = time.monotonic()
-                continue
-            known, names_of = {}, {}
-            for line in out.stdout.splitlines():
-                fields = line.split(None, 2)
-                if len(fields) == 3:
-                    known[fields[0]], names_of[fields[0]] = fields[1], fields[2]
-            # an orphan is cancelled only while squeue lists it under its own name: a
-            # controller that lost its state may have given its id to another job
-            ours = sorted((i for i, name in orphans.items() if names_of.get(i) == name), key=int)
-            if ours:
-                self.scancel(ours)
-            with self.lock:
-                # cancelled ones stay until squeue no longer lists them
-                self.orphans = {i: n for i, n in self.orphans.items()
-                                if i not in orphans or names_of.get(i) == n}
-                for slurm_id, live in list(self.live.items()):
-                    live.seen(known.get(slurm_id))
-
 
 class Live:
-    """One srun from start to end."""
+    """One srun from start to end: submit, follow what srun says while steering the
+    job (signals, cancel, timeouts, failures), conclude."""
 
-    def __init__(self, backend, job, started, stdin_fd, spool):
+    def __init__(self, backend, job, started, stdin_fd, spool, failure=None):
         self.backend = backend
         self.job = job
         self.started = started
         self.stdin_fd = stdin_fd
         self.spool = spool
+        self.failure = failure or guard.JobFailure(job)
         self.attempt = Attempt()
         self.name = job_name(job.tool, job.id)
         self.began = time.monotonic()
         self.token = secrets.token_hex(16).encode()
-        self.streams = {1: Stream(job.fds.get(1)),
-                        2: Stream(job.fds.get(2), os.path.join(backend.log_dir,
-                                                               f"{job.id}.stderr"),
-                                  getattr(getattr(job, "redactor", None), "values", ()))}
+        self.streams = {
+            1: Stream(job.fds.get(1), what=f"the stdout of job {job.id}", on_fail=self.failure),
+            2: Stream(job.fds.get(2), os.path.join(backend.log_dir, f"{job.id}.stderr"),
+                      what=f"the stderr of job {job.id}", on_fail=self.failure,
+                      secrets=getattr(getattr(job, "redactor", None), "values", ()))}
         self.gone_polls = 0
-        self.lost = False            # the monitor found the job gone while srun lingers
+        self.lost = False            # the poller found the job gone while srun lingers
         self.registered = False
+        self.pid = self.pidfd = self.err_r = None
+        self.submitted_at = None
+        self.buffered = b""          # srun's last partial line
+        self.reported = None         # "queued" or "running", what started() was told
+        self.signalled_pending = []  # signals that arrived before the job was allocated
+        self.cancel_sent = False
+        self.term_at = self.kill_at = None
+        self.grace = KILL_GRACE      # between SIGTERM and SIGKILL of srun
+        self.why = None              # arv-wrap's reason for ending the job
+        self.steered = False
 
     def seen(self, state):
-        """Called by the monitor with the job's squeue state (None: not listed)."""
+        """Called by the poller with the job's squeue state (None: not listed)."""
         if state is None and self.attempt.allocated:
             self.gone_polls += 1
             if self.gone_polls >= GONE_POLLS:
@@ -1030,130 +668,174 @@ class Live:
         else:
             self.gone_polls = 0
 
+    def fail(self, reason):
+        """arv-wrap's own machinery failed the job (the poller, for one)."""
+        self.failure(reason)
+
     def run(self):
-        b, job, attempt = self.backend, self.job, self.attempt
-        relay = b.relay_for()
-        relay.expect(self.token, self.streams[1].attach, self.streams[2].attach)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        relay = self.backend.relay_for()
+        relay.expect(self.token, self.streams[1].attach, self.streams[2].attach, self.failure)
         try:
-            pid = self.spawn(b.srun_argv(job, self.name), b.srun_env(job, self.token), err_w)
-        except OSError as e:
-            relay.forget(self.token)
-            _close(err_r)
-            return Outcome("failed", run_locally=True, reason=f"cannot start srun: {e.strerror}",
-                           message=f"cannot start srun: {e.strerror}")
+            refused = self.submit()
+            if refused:
+                return refused
+            try:
+                status = self.follow()
+            finally:
+                os.close(self.pidfd)
+                fds.close(self.err_r)
         finally:
-            _close(err_w)
+            relay.forget(self.token)
+        return self.conclude(status)
+
+    def submit(self):
+        """Start srun; the Outcome if it cannot start."""
+        b, job = self.backend, self.job
+        self.err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.pid = self.spawn(b.srun_argv(job, self.name), b.srun_env(job, self.token), err_w)
+        except OSError as e:
+            fds.close(self.err_r)
+            text = f"cannot start srun: {e.strerror}"
+            return Outcome("failed", run_locally=True, reason=text, message=text)
+        finally:
+            fds.close(err_w)
         b.counters.add("submissions")
         if self.spool is not None:
-            self.spool.srun_started()
-        pidfd = os.pidfd_open(pid)
-        submitted_at = time.monotonic()
-        buffered = b""
-        reported = None            # "queued" or "running", what started() was told
-        signalled_pending = []     # signals that arrived before the job was allocated
-        cancel_sent = False
-        term_at = kill_at = None
-        grace = KILL_GRACE         # between SIGTERM and SIGKILL of srun
-        why = None                 # arv-wrap's reason for ending the job
-        steered = False
-        watch = Poller([err_r, job.wake_fd, pidfd])
+            self.spool.reader_started()
+        self.pidfd = os.pidfd_open(self.pid)
+        self.submitted_at = time.monotonic()
+        return None
+
+    def follow(self):
+        """Read srun's messages and steer the job until srun ended; srun's status."""
+        watch = fds.Readable([self.err_r, self.job.wake_fd, self.pidfd])
+        while True:
+            ready = watch.poll(1.0)
+            if self.err_r in ready and not self.read_srun():
+                watch.forget(self.err_r)   # srun closed its stderr: it is ending
+                ready.append(self.pidfd)
+            self.report()
+            now = time.monotonic()
+            self.steer(now)
+            self.escalate(now)
+            if self.pidfd in ready:
+                status = _reap(self.pid)
+                if status is not None:
+                    break
+        for line in (self.buffered + fds.drain(self.err_r)).split(b"\n"):
+            self.attempt.read(line.decode("utf-8", "replace"))
+        return status
+
+    def read_srun(self):
+        """Read what srun said; False at its end."""
         try:
-            while True:
-                ready = watch.poll(1.0)
-                if err_r in ready:
-                    try:
-                        chunk = os.read(err_r, 1 << 16)
-                    except OSError:
-                        chunk = b""
-                    if chunk:
-                        buffered += chunk
-                        *lines, buffered = buffered.split(b"\n")
-                        for line in lines:
-                            attempt.read(line.decode("utf-8", "replace"))
-                    else:
-                        watch.forget(err_r)   # srun closed its stderr: it is ending
-                        ready.append(pidfd)
-                if attempt.slurm_id and not self.registered:
-                    self.registered = True
-                    b.register(self)
-                if attempt.slurm_id and attempt.allocated and reported != "running":
-                    reported = "running"
-                    try:                # `arv-wrap logs` of a running job finds its log
-                        os.close(Log.create(self.streams[2].log_path))
-                    except OSError:
-                        pass
-                    if self.spool:
-                        self.spool.job_running()
-                    self.started(attempt.slurm_id)
-                elif attempt.slurm_id and reported is None:
-                    reported = "queued"
-                    self.started(attempt.slurm_id, state="queued")
-                now = time.monotonic()
-                for signum in job.take_signals():
-                    steered = True
-                    signalled_pending.append(signum)
-                if signalled_pending and attempt.slurm_id:
-                    if attempt.allocated:
-                        for signum in signalled_pending:
-                            b.scancel([attempt.slurm_id], signum=signum)
-                    elif why is None:
-                        why = ("signal", signalled_pending[0])   # not started: cancel it
-                    signalled_pending = []
-                if job.cancel_reason and why is None:
-                    why = ("cancel", job.cancel_reason)
-                if (why is None and not attempt.slurm_id and b.timeout
-                        and now - submitted_at > b.timeout):
-                    why = ("timeout", None)
-                if self.lost and why is None:
-                    why = ("lost", None)
-                if why is not None and not cancel_sent:
-                    if attempt.slurm_id:
-                        cancel_sent = True
-                        done = b.scancel([attempt.slurm_id])
-                        if done is None or RE_CONTROLLER.search(done.stderr):
-                            # no controller to take it, and srun forwards signals through
-                            # it: end srun now; the job is cancelled once it answers
-                            term_at, grace = now, 1.0
-                        term_at = term_at or now + KILL_GRACE
-                    elif term_at is None:
-                        _kill(pid, signal.SIGTERM)   # srun withdraws its request
-                        term_at = now
-                if term_at is not None and now >= term_at and kill_at is None:
-                    _kill(pid, signal.SIGTERM)
-                    kill_at = now + grace
-                if kill_at is not None and now >= kill_at:
-                    _kill(pid, signal.SIGKILL)
-                    kill_at = float("inf")
-                if pidfd in ready:
-                    status = _reap(pid, pidfd)
-                    if status is not None:
-                        break
-            for line in (buffered + _drain(err_r)).split(b"\n"):
-                attempt.read(line.decode("utf-8", "replace"))
-        finally:
-            os.close(pidfd)
-            _close(err_r)
-            relay.forget(self.token)
-        clean = attempt.wait_status is not None
-        if attempt.slurm_id and (not clean or why is not None):
-            b.scancel([attempt.slurm_id])       # never leave a job whose srun is gone
+            chunk = os.read(self.err_r, 1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return False
+        self.buffered += chunk
+        *lines, self.buffered = self.buffered.split(b"\n")
+        for line in lines:
+            self.attempt.read(line.decode("utf-8", "replace"))
+        return True
+
+    def report(self):
+        """Tell the poller and the dispatcher what srun said of the job."""
+        a = self.attempt
+        if a.slurm_id and not self.registered:
+            self.registered = True
+            self.backend.register(self)
+        if a.slurm_id and a.allocated and self.reported != "running":
+            self.reported = "running"
+            try:                # `arv-wrap logs` of a running job finds its log
+                os.close(Log.create(self.streams[2].log_path))
+            except OSError:
+                pass
+            if self.spool:
+                self.spool.job_running()
+            self.started(a.slurm_id)
+        elif a.slurm_id and self.reported is None:
+            self.reported = "queued"
+            self.started(a.slurm_id, state="queued")
+
+    def steer(self, now):
+        """Forward the caller's signals; decide whether arv-wrap ends the job (why)."""
+        a = self.attempt
+        for signum in self.job.take_signals():
+            self.steered = True
+            self.signalled_pending.append(signum)
+        if self.signalled_pending and a.slurm_id:
+            if a.allocated:
+                for signum in self.signalled_pending:
+                    self.backend.scancel([a.slurm_id], signum=signum)
+            elif self.why is None:
+                self.why = ("signal", self.signalled_pending[0])   # not started: cancel it
+            self.signalled_pending = []
+        if self.why is None:
+            self.why = self.reason_to_end(now)
+
+    def reason_to_end(self, now):
+        b = self.backend
+        if self.job.cancel_reason:
+            return ("cancel", self.job.cancel_reason)
+        if not self.attempt.slurm_id and b.timeout and now - self.submitted_at > b.timeout:
+            return ("timeout", None)
+        if self.lost:
+            return ("lost", None)
+        if self.failure.reason:
+            return ("failure", self.failure.reason)
+        return None
+
+    def escalate(self, now):
+        """End a job arv-wrap decided to end: scancel, then SIGTERM and SIGKILL srun."""
+        if self.why is not None and not self.cancel_sent:
+            if self.attempt.slurm_id:
+                self.cancel_sent = True
+                done = self.backend.scancel([self.attempt.slurm_id])
+                if done is None or RE_CONTROLLER.search(done.stderr):
+                    # no controller to take it, and srun forwards signals through
+                    # it: end srun now; the job is cancelled once it answers
+                    self.term_at, self.grace = now, 1.0
+                self.term_at = self.term_at or now + KILL_GRACE
+            elif self.term_at is None:
+                _kill(self.pid, signal.SIGTERM)   # srun withdraws its request
+                self.term_at = now
+        if self.term_at is not None and now >= self.term_at and self.kill_at is None:
+            _kill(self.pid, signal.SIGTERM)
+            self.kill_at = now + self.grace
+        if self.kill_at is not None and now >= self.kill_at:
+            _kill(self.pid, signal.SIGKILL)
+            self.kill_at = float("inf")
+
+    def conclude(self, status):
+        """Leave nothing behind, wait for the streams' ends; the Outcome."""
+        b, a = self.backend, self.attempt
+        clean = a.wait_status is not None
+        if a.slurm_id and (not clean or self.why is not None):
+            b.scancel([a.slurm_id])       # never leave a job whose srun is gone
         # srun ended while the controller was away: it may never have heard of the
         # end (the job would stay RUNNING there), so it is cancelled once it answers
-        doubtful = attempt.controller or (b.trouble_at or 0) >= self.began
+        doubtful = a.controller or (b.trouble_at or 0) >= self.began
         if self.registered:
-            b.unregister(self, orphan=attempt.slurm_id is not None and (not clean or doubtful))
-        elif not attempt.slurm_id and why is not None:
-            b.forget_by_name(self.name)         # a request srun may have left behind
+            b.unregister(self, orphan=a.slurm_id is not None and (not clean or doubtful))
+        elif not a.slurm_id and self.why is not None:
+            b.forget_by_name(self.name)   # a request srun may have left behind
         for stream in self.streams.values():
             stream.finish(STREAM_GRACE if clean else 1.0)
-        outcome = self.outcome(status, why, steered)
-        outcome.usage = dict(attempt.usage)
+        if self.why is None and self.failure.reason:    # a stream failed at its end
+            self.why = ("failure", self.failure.reason)
+        outcome = self.outcome(status, self.why, self.steered)
+        outcome.usage = dict(a.usage)
         return outcome
 
     def outcome(self, srun_status, why, steered):
         job, a = self.job, self.attempt
         label = f"job {a.slurm_id} ({job.tool})" if a.slurm_id else f"{job.tool}"
+        if why and why[0] == "failure":
+            text = f"{label}: {why[1]}"
+            return Outcome("failed", reason=text, message=text)
         if why and why[0] == "timeout":
             text = (f"the slurm controller did not answer within {self.backend.timeout:g}s"
                     + (f" ({a.controller})" if a.controller else ""))
@@ -1286,72 +968,6 @@ def _limit(value):
     return "u" if value == resource.RLIM_INFINITY else str(value)
 
 
-def hold_until_input(job, fd):
-    """Wait until the caller's stdin pipe has data or EOF, or only the call's own
-    ancestors could write into it. False if the job was cancelled meanwhile."""
-    checked_at = 0.0
-    while True:
-        if job.cancel_reason:
-            return False
-        ready, _, _ = _select([fd, job.wake_fd], HOLD_RECHECK)
-        if fd in ready:
-            return True
-        if job.wake_fd in ready:
-            pending = job.take_signals()
-            if pending:
-                for signum in pending:
-                    job.signal(signum)   # keep them for the job; a signal before start cancels
-                return True
-        now = time.monotonic()
-        if now - checked_at >= 1.0:
-            checked_at = now
-            if writers_are_ancestors(fd):
-                return True
-
-
-def writers_are_ancestors(fd):
-    """True if every process that holds the write end of the pipe at fd is an ancestor of
-    a process reading it at its fd 0 (a driver that made the pipe and may never write)."""
-    try:
-        ino = os.fstat(fd).st_ino
-    except OSError:
-        return True
-    target = f"pipe:[{ino}]" if stat.S_ISFIFO(os.fstat(fd).st_mode) else f"socket:[{ino}]"
-    me = os.getpid()
-    readers, writers, parents = set(), set(), {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        pid = int(name)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                parents[pid] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for n in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{n}") != target:
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{n}") as f:
-                    flags = next((int(line.split()[1], 8) for line in f
-                                  if line.startswith("flags:")), 0)
-            except (OSError, StopIteration, ValueError):
-                continue
-            if n == "0":
-                readers.add(pid)
-            if flags & 3 in (1, 2):
-                writers.add(pid)
-    ancestors = set()
-    for pid in readers:
-        seen = 0
-        while pid in parents and pid > 1 and seen < 512:
-            pid = parents[pid]
-            ancestors.add(pid)
-            seen += 1
-    return not (writers - ancestors)
-
-
 def parse_slurm_time(text):
     """Seconds from sinfo's %l ([days-]hours:minutes:seconds, or 'infinite')."""
     if text in ("infinite", "UNLIMITED", "n/a"):
@@ -1373,32 +989,7 @@ def _signal_of(wait_status):
     return None
 
 
-class Poller:
-    """The descriptors of fds that are readable or hung up, by poll (no 1024 limit)."""
-
-    def __init__(self, fds):
-        self.poller = select.poll()
-        for fd in fds:
-            self.poller.register(fd, select.POLLIN | select.POLLPRI)
-
-    def forget(self, fd):
-        self.poller.unregister(fd)
-
-    def poll(self, timeout=None):
-        ms = None if timeout is None else max(0, int(timeout * 1000))
-        while True:
-            try:
-                return [fd for fd, _ in self.poller.poll(ms)]
-            except InterruptedError:
-                continue
-
-
-def _select(fds, timeout=None):
-    """([readable or hung-up fds], [], []) like select.select."""
-    return Poller(fds).poll(timeout), [], []
-
-
-def _reap(pid, pidfd):
+def _reap(pid):
     try:
         got, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -1408,32 +999,8 @@ def _reap(pid, pidfd):
     return os.waitstatus_to_exitcode(status)
 
 
-def _drain(fd):
-    out = b""
-    try:
-        while True:
-            ready, _, _ = _select([fd], 0)
-            if not ready:
-                break
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            out += chunk
-    except OSError:
-        pass
-    return out
-
-
 def _kill(pid, signum):
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-
-
-def _close(fd):
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

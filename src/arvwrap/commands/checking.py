@@ -1,8 +1,10 @@
 """Asking without running: `arv-wrap check`, `doctor`, `preload-path`."""
+import math
 import os
 import shutil
 
 from arvwrap import backends, elf, paths, whitelist
+from arvwrap.backends.base import DESCRIPTOR_ARG
 from arvwrap.activation import UsageError, load_rules
 
 
@@ -19,9 +21,10 @@ def check(options, command):
     print(whitelist.describe(rules, argv_b, name, path, backend=backend))
     rule = rules.match(argv_b, name, path)
     if rule:
-        note = oversize_note(rule, argv_b, backend, env)
-        if note:
-            print(f"note: {note}")
+        for note in [oversize_note(rule, argv_b, backend, env),
+                     *capability_notes(rule, argv_b, whitelist.choose_backend(rule, backend, env))]:
+            if note:
+                print(f"note: {note}")
     if rule and path:
         for line in backends.process_state(whitelist.choose_backend(rule, backend, env)):
             print(f"process state: {line}")
@@ -34,12 +37,27 @@ def check(options, command):
     return 0
 
 
+def capability_notes(rule, argv, name):
+    """What the backend's declared capabilities change for this call."""
+    cls = backends.find_quietly(name)
+    if cls is None:
+        return []
+    cpus = whitelist.resources(rule, argv)[0]
+    notes = []
+    if not cls.fractional_cpus and cpus != int(cpus):
+        notes.append(f"the {name} backend grants whole CPUs: {cpus:g} CPUs get "
+                     f"{math.ceil(cpus)}")
+    if not cls.carries_descriptors and any(DESCRIPTOR_ARG.search(a) for a in argv[1:]):
+        notes.append(f"an argument names one of the caller's descriptors (/dev/fd/N), "
+                     f"which {cls.job_noun} cannot reach: runs on the local backend")
+    return notes
+
+
 def oversize_note(rule, argv, backend, env):
     """What on_oversize will do with a request larger than the backend offers."""
     name = whitelist.choose_backend(rule, backend, env)
     try:
-        most_cpus, most_memory = backends.load(name, backends.config_from_env(env).get(name, {})
-                                               ).largest()
+        most_cpus, most_memory = backends.load(name, env).largest()
     except Exception as e:   # check must still answer when the backend cannot
         return f"could not ask the {name} backend what it offers: {e}"
     cpus, memory, _, _ = whitelist.resources(rule, argv)

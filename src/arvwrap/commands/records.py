@@ -5,7 +5,7 @@ import socket
 import sys
 import time
 
-from arvwrap import listing, paths, protocol, runs, store
+from arvwrap import backends, listing, paths, protocol, runs, store
 from arvwrap.activation import UsageError
 
 LOCAL_LOGS = ("its stderr went straight to the caller's own stderr, which arv-wrap never "
@@ -78,8 +78,8 @@ def logs(options, words):
     try:
         log = open(log_path(record["id"]), "rb")
     except FileNotFoundError:
-        why = (LOCAL_LOGS if record["backend"] == "local"
-               else "nothing of its stderr was kept")
+        relays = getattr(backends.find_quietly(record["backend"] or ""), "relays_streams", True)
+        why = LOCAL_LOGS if not relays else "nothing of its stderr was kept"
         print(f"arv-wrap: job {record['id']} ran on the {record['backend']} backend: {why}",
               file=sys.stderr)
         return 1
