@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from arvwrap import cache as cache_mod, reuse, store, streams
+from arvwrap.backends.remote import fds as descriptors
 from arvwrap.jobspec import Outcome
 
 log = logging.getLogger("arvwrap.dispatcher")
@@ -209,11 +210,11 @@ class ReuseJobs:
         if capture is None:
             return
         if capture.spooled:
-            _close(job.fds.get(0))
+            descriptors.close(job.fds.get(0))
             job.fds[0] = os.open(capture.spooled, os.O_RDONLY | os.O_CLOEXEC)
         for n in (1, 2) if capture.plan else ():
             write_end = self._tee(capture, n)
-            _close(job.fds.get(n))
+            descriptors.close(job.fds.get(n))
             job.fds[n] = write_end
             capture.write_ends.append(write_end)
 
@@ -233,7 +234,7 @@ class ReuseJobs:
             for n, held in list(call.job.fds.items()):
                 if held == fd:
                     del call.job.fds[n]        # closed once, here, not again by the job
-            _close(fd)
+            descriptors.close(fd)
         self._in_worker(self._keep, call, capture, outcome, fields)
 
     def _keep(self, call, capture, outcome, fields):
@@ -295,14 +296,6 @@ def _size(path):
         return os.path.getsize(path)
     except OSError:
         return -1
-
-
-def _close(fd):
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _unlink(path):
