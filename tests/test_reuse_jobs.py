@@ -13,6 +13,7 @@ from conftest import arv_wrap, job_records, until, write_tool
 TOOL = r"""out=$2; in=$3
 echo "$in" >> "$RUNS"
 [ -n "$HOLD" ] && while [ ! -e "$HOLD" ]; do sleep 0.02; done
+[ -n "$FAILONCE" ] && rm "$FAILONCE" 2>/dev/null && exit 4
 tr a-z A-Z < "$in" > "$out"
 printf 'out of %s\000\377\n' "$in"
 printf 'err of %s\n' "$in" >&2
@@ -221,3 +222,25 @@ def test_a_stdin_that_cannot_be_spooled_fails_the_call_in_one_line_and_runs_noth
     assert lines[0].startswith("arv-wrap: job reuse failed: cannot keep its stdin") and \
         "No space left" in lines[0]
     assert runs(tmp_path) == 0
+
+
+def test_a_call_that_waited_for_a_job_that_failed_runs_with_its_own_stdin(local_env, tmp_path):
+    """Its piped stdin was read (for the key) while it waited: it must still get it."""
+    hold, fail_once = tmp_path / "go", tmp_path / "fail-once"
+    fail_once.touch()
+    results = []
+    def one():
+        results.append(arv_wrap("--reuse", "--", "sh", "-c",
+                                "printf abc | upcase -o out.txt /dev/stdin",
+                                env={**local_env, "HOLD": str(hold), "FAILONCE": str(fail_once)},
+                                cwd=tmp_path, capture_output=True))
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    until(lambda: runs(tmp_path) == 1 and len(job_records(local_env)) == 2, 60, "two calls")
+    hold.touch()
+    for t in threads:
+        t.join(120)
+    assert sorted(r.returncode for r in results) == [0, 4]
+    assert runs(tmp_path) == 2 and (tmp_path / "out.txt").read_text() == "ABC"
+    assert not os.listdir(os.path.join(local_env["ARV_WRAP_STATE_DIR"], "cache", "tmp"))

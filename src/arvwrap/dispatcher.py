@@ -96,6 +96,7 @@ class Call:
         self.unrecorded = False  # that commit failed: it ends, and never starts
         self.capture = None      # job reuse: its streams and outputs, kept as it runs
         self.tool_status = None  # local: the wait status the client reported
+        self.spooled = None      # job reuse: its stdin, read while it waits for the same work
 
 
 class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
@@ -366,6 +367,9 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             for fd in call.capture.callers.values():
                 os.close(fd)
             call.capture.callers = {}
+        if call.spooled:
+            os.unlink(call.spooled)
+            call.spooled = None
         self.cancel_timer(call.kill_timer)
         self.cancel_timer(call.pid_timer)
         self.calls.discard(call)

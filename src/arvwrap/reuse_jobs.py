@@ -89,7 +89,10 @@ class ReuseJobs:
         job, spooled = call.job, None
         try:
             stdin = reuse.stdin_part(job.fds.get(0), job.rule.stdin)
-            if stdin == "spool":
+            if call.spooled:                # keyed before, waiting: the same bytes
+                spooled, call.spooled = call.spooled, None
+                stdin = "spool " + self.cache.digests.digest(spooled)[0]
+            elif stdin == "spool":
                 spooled = self.cache.new_tmp("stdin")
                 try:
                     streams.spool(job.fds[0], spooled)
@@ -134,14 +137,15 @@ class ReuseJobs:
 
     def _keyed(self, call, plan, entry, spooled, why):
         job = call.job
+        if call.conn is None or entry is not None:
+            _unlink(spooled)      # no run will read it
         if call.conn is None:
-            _unlink(spooled)
             return
         if entry is not None:
             self._reuse(call, entry)
             return
         if plan is not None and plan.key in self.running_keys:
-            _unlink(spooled)
+            call.spooled = spooled        # kept: it runs after all if that job fails
             self._wait_for_same(call, plan.key)
             return
         if why:
