@@ -13,6 +13,9 @@ ON_CI = os.environ.get("CI") == "true"
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the arvwrap under test is imported from (the source tree, or site-packages
+# for an installed copy): what a PYTHONPATH given to a subprocess must name.
+IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.abspath(paths.__file__)))
 
 
 # tests/test_sanitized.py runs the exec-path and client tests again with this set to
@@ -48,18 +51,6 @@ def client(native_programs):
 @pytest.fixture(scope="session")
 def helper(native_programs):
     return native_programs[1]
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """The one-node cluster of scripts/slurm-cluster.sh, brought up if it is not."""
-    need("srun")
-    script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
-    if subprocess.run(["bash", script, "status"], capture_output=True,
-                      timeout=60).returncode != 0:
-        proc = subprocess.run(["bash", script, "up"], capture_output=True, text=True,
-                              timeout=900)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def slurm_relay(slurm_id):
@@ -214,8 +205,10 @@ def slurm_cluster():
     """The one-node Slurm of scripts/slurm-cluster.sh, brought up (root) or found up."""
     need("srun")
     script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
-    command = "up" if os.geteuid() == 0 else "status"
-    proc = subprocess.run(["bash", script, command], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60)
+    if proc.returncode and os.geteuid() == 0:
+        proc = subprocess.run(["bash", script, "up"], capture_output=True, text=True,
+                              timeout=900)
     if proc.returncode:
         if ON_CI:
             pytest.fail(f"the Slurm cluster is not up: {proc.stdout}{proc.stderr}")

@@ -10,14 +10,10 @@ tests/cprogs/small_stack.c runs the exec from a thread with a 128 KiB stack and
 16 MiB of PROT_NONE below it, so any unbounded array faults. Each test compares
 with the direct run, without the shim.
 """
-import os
-import subprocess
 import sys
-import threading
 
 import pytest
 
-from arvwrap import paths
 from conftest import arv_wrap, job_records
 from test_shim import argdump, b, probed, run   # noqa: F401  (fixtures below)
 from test_shim import progs, tools, probe, make_env, fake_client, client  # noqa: F401

@@ -3,7 +3,7 @@ client starts the dispatcher with the caller's environment) patches one method o
 the remote machinery to raise when the tool's output holds b"BOOM"."""
 import os
 
-from conftest import ROOT
+from conftest import IMPORTED_FROM
 
 SITE = '''
 import os
@@ -27,5 +27,5 @@ def inject(env, tmp_path, target):
     site = tmp_path / "fault-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITE)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), os.path.join(ROOT, "src")])
+    env["PYTHONPATH"] = os.pathsep.join([str(site), IMPORTED_FROM])
     env["ARVWRAP_TEST_FAULT"] = target

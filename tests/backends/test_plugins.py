@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, arv_wrap, job_records, write_tool
+from conftest import IMPORTED_FROM, arv_wrap, job_records, write_tool
 
 PLUGIN = '''
 """A tiny third-party backend: the tool runs as a child of the dispatcher."""
@@ -79,7 +79,7 @@ def plugin_path(tmp_path):
 
 @pytest.fixture
 def env(base_env, tools, plugin_path):
-    base_env["PYTHONPATH"] = os.pathsep.join([plugin_path, os.path.join(ROOT, "src")])
+    base_env["PYTHONPATH"] = os.pathsep.join([plugin_path, IMPORTED_FROM])
     base_env["ARV_WRAP_SPAWN_MARKER"] = "hello"
     write_tool(tools, "step", 'echo "$SPAWN_MARKER $SPAWN_LABEL $SPAWN_TAGS $*"\n'
                               'echo to-stderr >&2\nexit 3\n')
