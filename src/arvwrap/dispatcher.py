@@ -368,7 +368,10 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                 os.close(fd)
             call.capture.callers = {}
         if call.spooled:
-            os.unlink(call.spooled)
+            try:
+                os.unlink(call.spooled)
+            except FileNotFoundError:
+                pass
             call.spooled = None
         self.cancel_timer(call.kill_timer)
         self.cancel_timer(call.pid_timer)
