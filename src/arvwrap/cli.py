@@ -4,12 +4,12 @@ The subcommands live in arvwrap.commands, one module per group: running
 (COMMAND, env), checking (check, doctor, preload-path), records (jobs, show,
 logs, cancel, gc) and views (top, report).
 """
+import importlib
 import sys
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from arvwrap import __version__, paths, store, whitelist
 from arvwrap.activation import UsageError
-from arvwrap.commands import caching, checking, records, running, views
 
 USAGE = """\
 usage: arv-wrap [-w FILE]... [-b BACKEND] [--reuse|--no-reuse] [-v] [--] COMMAND [ARGS...]
@@ -59,49 +59,51 @@ RUN_OPTIONS = ("-w", "--whitelist", "-b", "--backend", "--cpus", "-h", "--help",
 
 
 class Command(NamedTuple):
-    serve: Callable          # serve(options, words) -> exit status
+    serve: str               # "module.function" in arvwrap.commands: function(options,
+                             # words) -> exit status (imported when used: a run of a
+                             # pipeline does not pay for the other commands' imports)
     usage: str               # first line: the synopsis; then what it does
     options: tuple = ()      # the options it takes, besides -h
     words: str = "none"      # none | some (its own arguments) | command (after --)
 
 
 COMMANDS = {
-    "env": Command(running.env, "env [-w FILE]... [-b BACKEND]\n\nPrint export lines that "
+    "env": Command("running.env", "env [-w FILE]... [-b BACKEND]\n\nPrint export lines that "
                    "activate interception for the programs started\nafter them:  "
                    "eval \"$(arv-wrap env -w whitelist.yaml)\"", ("-w", "--whitelist", "-b",
                                                                   "--backend", "--reuse",
                                                                   "--no-reuse")),
-    "check": Command(checking.check, "check [-w FILE]... [-b BACKEND] [--reuse] -- COMMAND "
+    "check": Command("checking.check", "check [-w FILE]... [-b BACKEND] [--reuse] -- COMMAND "
                      "[ARGS...]\n\nSay, without running anything, whether that exec would be "
                      "redirected;\n--reuse: and whether an earlier job's result would be reused, "
                      "or why not.", ("-w", "--whitelist", "-b", "--backend", "--reuse"),
                      "command"),
-    "jobs": Command(records.jobs, "jobs [--json] [--tree] [--run ID] [RUN]\n\nThe runs (with "
+    "jobs": Command("records.jobs", "jobs [--json] [--tree] [--run ID] [RUN]\n\nThe runs (with "
                     "counts of their jobs by state); --tree: every job under\nits parent; "
                     "--json: every record, newest first.", ("--json", "--tree", "--run"),
                     "some"),
-    "show": Command(records.show, "show JOB\n\nOne record in full: what it asked for and what "
+    "show": Command("records.show", "show JOB\n\nOne record in full: what it asked for and what "
                     "it used.", (), "some"),
-    "logs": Command(records.logs, "logs JOB [--follow]\n\nThe stderr kept for a job (on "
+    "logs": Command("records.logs", "logs JOB [--follow]\n\nThe stderr kept for a job (on "
                     "backends that relay the tool's streams).", ("--follow", "-f"), "some"),
-    "cancel": Command(records.cancel, "cancel JOB\n\nCancel a job and every job below it, on "
+    "cancel": Command("records.cancel", "cancel JOB\n\nCancel a job and every job below it, on "
                       "their backends.", (), "some"),
-    "gc": Command(records.gc, "gc --older-than AGE\n\nRemove the records of runs that ended "
+    "gc": Command("records.gc", "gc --older-than AGE\n\nRemove the records of runs that ended "
                   "more than AGE ago (30d, 12h, 90m).", ("--older-than",)),
-    "cache": Command(caching.cache, "cache ls|stats|clear|gc [--max-size SIZE]\n\nThe "
+    "cache": Command("caching.cache", "cache ls|stats|clear|gc [--max-size SIZE]\n\nThe "
                      "results kept for job reuse: list them, their total, remove\nthem all, or "
                      "the least recently used until they fit SIZE (50G).", ("--max-size",),
                      "some"),
-    "top": Command(views.top, "top [RUN]\n\nA live view of running pipelines (q quits).",
+    "top": Command("views.top", "top [RUN]\n\nA live view of running pipelines (q quits).",
                    (), "some"),
-    "report": Command(views.report, "report [RUN] -o FILE.html\n\nOne self-contained HTML "
+    "report": Command("views.report", "report [RUN] -o FILE.html\n\nOne self-contained HTML "
                       "file: the run's tree, a timeline, what each tool used.",
                       ("-o", "--output"), "some"),
-    "doctor": Command(checking.doctor, "doctor [-w FILE]... [-b BACKEND] [-- COMMAND]\n\n"
+    "doctor": Command("checking.doctor", "doctor [-w FILE]... [-b BACKEND] [-- COMMAND]\n\n"
                       "Check that the shim loads and intercepts, and that the backend "
                       "answers;\nwith COMMAND, also whether the execs it makes can be "
                       "intercepted.", ("-w", "--whitelist", "-b", "--backend"), "command"),
-    "preload-path": Command(checking.preload_path, "preload-path\n\nPrint the absolute path "
+    "preload-path": Command("checking.preload_path", "preload-path\n\nPrint the absolute path "
                             "of the shim library."),
 }
 
@@ -120,6 +122,7 @@ def main(argv=None):
             return 0
         if not rest:
             raise UsageError("no COMMAND given (see arv-wrap --help)")
+        from arvwrap.commands import running
         return running.run(options, rest)
     except (UsageError, whitelist.WhitelistError) as e:
         print(f"arv-wrap: {e}", file=sys.stderr)
@@ -140,7 +143,9 @@ def subcommand(name, options, argv):
     more["backend"] = more["backend"] or options["backend"]
     if command.words == "none" and words:
         raise UsageError(f"unexpected argument {words[0]!r} (see arv-wrap {name} --help)")
-    return command.serve(more, words)
+    module, function = command.serve.split(".")
+    serve = getattr(importlib.import_module(f"arvwrap.commands.{module}"), function)
+    return serve(more, words)
 
 
 def parse(argv, allowed, words):
