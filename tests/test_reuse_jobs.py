@@ -60,6 +60,20 @@ def call(env, tmp_path, *argv, reuse=True, stdin=subprocess.DEVNULL, **extra):
                     stdin=stdin, capture_output=True)
 
 
+def held_calls(n, env, tmp_path, hold, one):
+    """n calls of one() at once, the tool held (HOLD) until the first has started and
+    all n are recorded; their results."""
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(one())) for _ in range(n)]
+    for t in threads:
+        t.start()
+    until(lambda: runs(tmp_path) == 1 and len(job_records(env)) == n, 60, f"{n} calls")
+    hold.touch()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def runs(tmp_path):
     path = tmp_path / "runs"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -147,16 +161,8 @@ def test_a_piped_stdin_is_part_of_the_key(local_env, tmp_path):
 
 def test_identical_calls_in_flight_run_once_and_share_the_result(env, tmp_path):
     hold = tmp_path / "go"
-    results = []
-    def one():
-        results.append(call(env, tmp_path, "-o", "out.txt", "in.txt", HOLD=str(hold)))
-    threads = [threading.Thread(target=one) for _ in range(3)]
-    for t in threads:
-        t.start()
-    until(lambda: runs(tmp_path) == 1 and len(job_records(env)) == 3, 60, "three calls")
-    hold.touch()
-    for t in threads:
-        t.join(120)
+    results = held_calls(3, env, tmp_path, hold, lambda: call(
+        env, tmp_path, "-o", "out.txt", "in.txt", HOLD=str(hold)))
     assert runs(tmp_path) == 1
     assert [r.returncode for r in results] == [0, 0, 0]
     assert len({(r.stdout, r.stderr) for r in results}) == 1
@@ -228,19 +234,10 @@ def test_a_call_that_waited_for_a_job_that_failed_runs_with_its_own_stdin(local_
     """Its piped stdin was read (for the key) while it waited: it must still get it."""
     hold, fail_once = tmp_path / "go", tmp_path / "fail-once"
     fail_once.touch()
-    results = []
-    def one():
-        results.append(arv_wrap("--reuse", "--", "sh", "-c",
-                                "printf abc | upcase -o out.txt /dev/stdin",
-                                env={**local_env, "HOLD": str(hold), "FAILONCE": str(fail_once)},
-                                cwd=tmp_path, capture_output=True))
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    until(lambda: runs(tmp_path) == 1 and len(job_records(local_env)) == 2, 60, "two calls")
-    hold.touch()
-    for t in threads:
-        t.join(120)
+    results = held_calls(2, local_env, tmp_path, hold, lambda: arv_wrap(
+        "--reuse", "--", "sh", "-c", "printf abc | upcase -o out.txt /dev/stdin",
+        env={**local_env, "HOLD": str(hold), "FAILONCE": str(fail_once)}, cwd=tmp_path,
+        capture_output=True))
     assert sorted(r.returncode for r in results) == [0, 4]
     assert runs(tmp_path) == 2 and (tmp_path / "out.txt").read_text() == "ABC"
     assert not os.listdir(os.path.join(local_env["ARV_WRAP_STATE_DIR"], "cache", "tmp"))

@@ -110,11 +110,13 @@ class Cache:
             os.replace(part, target)
         return digest, st.st_size
 
-    def intact(self, digest, size):
-        """Whether the blob is there with its bytes (hashed again only if it changed)."""
+    def intact(self, digest, size=None):
+        """Whether the blob is there with its bytes (hashed again only if it changed);
+        size, when known, is checked first."""
         path = self.blob_path(digest)
         try:
-            return os.path.getsize(path) == size and self.digests.digest(path)[0] == digest
+            return (size is None or os.path.getsize(path) == size) and \
+                self.digests.digest(path)[0] == digest
         except OSError:
             return False
 

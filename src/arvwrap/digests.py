@@ -10,8 +10,6 @@ import hashlib
 import os
 import stat
 
-CHUNK = 1 << 20
-
 
 def identity(st):
     """What must stay the same for a remembered digest to hold."""

@@ -20,6 +20,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from arvwrap.digests import identity as file_identity
+
 # Variables whose value cannot change a result: who and where the session is,
 # the terminal, the shell's own bookkeeping, make's jobserver, job ids.
 IGNORED_ENV = ("ARV_WRAP_*", "_", "PWD", "OLDPWD", "SHLVL", "USER", "LOGNAME", "HOME_*",
@@ -57,12 +59,13 @@ def plan(spec, program, argv, cwd, env, digests, stdin, image=None):
     cwd = os.fsdecode(cwd)
     argv = [os.fsdecode(a) for a in argv]
     kept, declared = _argv(argv, spec)
-    result = Plan(key="", parts={}, cwd=cwd, siblings=spec.siblings)
+    result = Plan(key="", parts={}, cwd=cwd, siblings=spec.siblings,
+                  declared={os.path.normpath(os.path.join(cwd, d)) for d in declared})
     inputs = {}
     for word in _path_words(kept[1:]):
         path = os.path.normpath(os.path.join(cwd, word))
         result.named.append(path)
-        if path in {os.path.normpath(os.path.join(cwd, d)) for d in declared}:
+        if path in result.declared:
             continue
         try:
             st = os.stat(path)
@@ -76,7 +79,6 @@ def plan(spec, program, argv, cwd, env, digests, stdin, image=None):
         for path in list(result.named):
             sibling = path + suffix
             result.before[sibling] = _stat_identity(sibling)
-    result.declared = {os.path.normpath(os.path.join(cwd, d)) for d in declared}
     for path in result.declared:
         result.before[path] = _stat_identity(path)
     result.parts = {
@@ -190,7 +192,7 @@ def stdin_part(fd, rule_stdin):
 
 
 def _identity(st):
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode]
+    return [*file_identity(st), st.st_mode]
 
 
 def _stat_identity(path):

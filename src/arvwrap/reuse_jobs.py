@@ -121,10 +121,8 @@ class ReuseJobs:
         self.post(lambda: self._keyed(call, plan, entry, spooled, why))
 
     def _intact(self, entry):
-        blobs = [(entry.stdout, None), (entry.stderr, None),
-                 *((o.digest, o.size) for o in entry.outputs)]
-        return all(self.cache.intact(d, s if s is not None else
-                                     _size(self.cache.blob_path(d))) for d, s in blobs)
+        return (self.cache.intact(entry.stdout) and self.cache.intact(entry.stderr)
+                and all(self.cache.intact(o.digest, o.size) for o in entry.outputs))
 
     def _why_missed(self, job, plan):
         parts = shown_parts(plan.parts, job.redactor)
@@ -293,13 +291,6 @@ def shown_parts(parts, redactor):
     secrets (the key itself is made of the real words; environment values are only
     digests already)."""
     return {**parts, "argv": [os.fsdecode(w) for w in redactor.argv(parts["argv"])]}
-
-
-def _size(path):
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return -1
 
 
 def _unlink(path):
