@@ -61,17 +61,29 @@ class RedactingFilter(logging.Filter):
 
 
 class RuleCache:
-    """Whitelists re-read only when one of their files changed."""
+    """Whitelists re-read only when one of their files changed. The files are looked
+    at once per loop round (new_round), not once per call: a round serves many."""
+    KEEP = 32          # sets of whitelists kept loaded (pipelines with their own)
 
     def __init__(self):
-        self._key = None
-        self._value = None
+        self._loaded = {}      # files -> (their stat key when loaded, the Whitelist)
+        self._seen = {}        # files -> their stat key, this round
+
+    def new_round(self):
+        self._seen.clear()
 
     def get(self, files):
-        key = tuple((f, st.st_mtime_ns, st.st_size) for f in files for st in [os.stat(f)])
-        if key != self._key:
-            self._value, self._key = whitelist.load(list(files)), key
-        return self._value
+        files = tuple(files)
+        key = self._seen.get(files)
+        if key is None:
+            key = self._seen[files] = tuple((f, st.st_mtime_ns, st.st_size)
+                                            for f in files for st in [os.stat(f)])
+        loaded = self._loaded.get(files)
+        if loaded is None or loaded[0] != key:
+            if len(self._loaded) >= self.KEEP:
+                self._loaded.pop(next(iter(self._loaded)))
+            loaded = self._loaded[files] = (key, whitelist.load(list(files)))
+        return loaded[1]
 
 
 class Call:
@@ -145,6 +157,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                 break
             timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else TICK
             events = self.selector.select(timeout)
+            self.rules.new_round()
             self.store.begin_batch()
             try:
                 for key, _ in events:

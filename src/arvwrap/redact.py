@@ -28,17 +28,34 @@ def patterns_from(env=None, extra=()):
     """DEFAULTS, extra (a whitelist's `redact:`), then ARV_WRAP_REDACT of env (str or
     bytes keys)."""
     env = os.environ if env is None else env
-    given = next((os.fsdecode(v) for k, v in env.items()
-                  if k in ("ARV_WRAP_REDACT", b"ARV_WRAP_REDACT")), "")
+    given = next((os.fsdecode(env[k]) for k in (b"ARV_WRAP_REDACT", "ARV_WRAP_REDACT")
+                  if _has(env, k)), "")
     return (*DEFAULTS, *extra, *(p for p in re.split(r"[:,\s]+", given) if p))
 
 
-@functools.lru_cache(maxsize=8192)
 def _secret(patterns, name):
-    """Whether a variable or option name is secret (every call's environment names
-    them again: each is decided once)."""
-    name = name.lstrip("-").upper().replace("-", "_")
-    return bool(name) and _matcher(patterns)(name) is not None
+    """Whether a variable or option name (str or bytes) is secret. Every call's
+    environment names them again, so each is decided once per set of patterns."""
+    decided = _decided(patterns)
+    secret = decided.get(name)
+    if secret is None:
+        word = os.fsdecode(name).lstrip("-").upper().replace("-", "_")
+        secret = bool(word) and _matcher(patterns)(word) is not None
+        if len(decided) < 8192:
+            decided[name] = secret
+    return secret
+
+
+def _has(env, key):
+    try:
+        return key in env
+    except TypeError:          # os.environ takes only str keys
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _decided(patterns):
+    return {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,16 +66,19 @@ def _matcher(patterns):
 class Redactor:
     def __init__(self, patterns=DEFAULTS, env=None):
         self.patterns = tuple(p.upper() for p in patterns)
+        decided = _decided(self.patterns)
         values = set()
         for name, value in (env or {}).items():
-            if self.secret_name(name):
+            secret = decided.get(name)     # inline: a call's environment is mostly known
+            if secret or (secret is None and self.secret_name(name)):
                 values.add(os.fsencode(value))
         self.values = set()
+        self._shown = None       # (argv, as shown) of the last argv()
         for value in values:
             self._remember(value)
 
     def secret_name(self, name):
-        return _secret(self.patterns, os.fsdecode(name))
+        return _secret(self.patterns, name)
 
     def _remember(self, value):
         if len(value) >= MIN_VALUE:
@@ -68,6 +88,13 @@ class Redactor:
         """argv (bytes or str words) as arv-wrap may write it; the secrets it gives
         (--password=xyz) are remembered for the texts that follow."""
         words = [os.fsencode(a) for a in argv]
+        if self._shown is not None and self._shown[0] == words:
+            return list(self._shown[1])    # the dispatcher asks twice for each call
+        shown = self._redacted(words)
+        self._shown = (words, shown)
+        return list(shown)
+
+    def _redacted(self, words):
         out, hide_next = [], False
         for word in words:
             if hide_next:

@@ -9,14 +9,11 @@ The schema is versioned (`PRAGMA user_version`, see VERSIONS): opening a databas
 of an earlier version migrates it in one transaction, which one process does while
 the others wait and then see the new version.
 """
-import datetime
+import base64
+import functools
 import json
-import logging
 import os
-import random
 import re
-import secrets
-import socket
 import sqlite3
 import stat
 import threading
@@ -24,7 +21,14 @@ import time
 
 from arvwrap import paths
 
-log = logging.getLogger("arvwrap.store")
+HOST = os.uname().nodename   # this machine, as the records name it (gethostname)
+
+
+def _log():
+    """The store's logger. logging is imported only when there is something to say:
+    `arv-wrap COMMAND` opens the store at every start and usually says nothing."""
+    import logging
+    return logging.getLogger("arvwrap.store")
 
 STATES = ("queued", "running", "exited", "signaled", "cancelled", "failed")
 FINAL_STATES = ("exited", "signaled", "cancelled", "failed")
@@ -90,20 +94,32 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _BUSY = (sqlite3.SQLITE_BUSY, getattr(sqlite3, "SQLITE_PROTOCOL", 15))
 
 
+# base32's alphabet -> Crockford's: b32encode does the bit slicing in C
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+
+
 def new_id():
     """A ULID: 48-bit millisecond time + 80 random bits, sortable and unique across machines."""
-    value = (int(time.time() * 1000) << 80) | secrets.randbits(80)
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    # 160 bits are 32 base32 digits; the last 26 hold the ULID's 130 (top two zero)
+    raw = (int(time.time() * 1000) & (1 << 48) - 1).to_bytes(10, "big") + os.urandom(10)
+    return base64.b32encode(raw)[6:].translate(_TO_CROCKFORD).decode()
 
 
 def _stamp(moment):
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+_last_second = (None, "")   # the last whole second now() formatted, and its text
+
+
 def now():
     """ISO 8601 UTC with milliseconds."""
+    global _last_second
     seconds, fraction = divmod(time.time(), 1)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(fraction * 1000):03d}Z"
+    last = _last_second         # one read: another thread may replace it meanwhile
+    if seconds != last[0]:      # the dispatcher stamps many records per second
+        last = _last_second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{int(fraction * 1000):03d}Z"
 
 
 def text(raw):
@@ -158,6 +174,20 @@ def _busy(error):
     return isinstance(error, sqlite3.OperationalError) and "database is locked" in str(error)
 
 
+# the same few column sets come back for every job: each statement is made once
+@functools.lru_cache(maxsize=256)
+def _insert_sql(names):
+    return f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})"
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(names):
+    unknown = set(names) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"unknown record fields: {sorted(unknown)}")
+    return f"UPDATE jobs SET {', '.join(f'{name} = ?' for name in names)} WHERE id = ?"
+
+
 def _retry(step, deadline=RETRY_DEADLINE):
     """step(), again while SQLite says another connection holds the lock. SQLite's busy
     handler already waits BUSY_TIMEOUT for most locks; this covers the few it refuses
@@ -171,7 +201,7 @@ def _retry(step, deadline=RETRY_DEADLINE):
         except sqlite3.OperationalError as e:
             if not _busy(e) or time.monotonic() > end:
                 raise
-        time.sleep(pause * (0.5 + random.random()))
+        time.sleep(pause * (0.5 + int.from_bytes(os.urandom(2), "big") / 65536))
         pause = min(pause * 2, 0.1)
 
 
@@ -337,7 +367,7 @@ class Store:
                 try:
                     self._db.execute("COMMIT")
                 except sqlite3.Error as e:
-                    log.warning("a batch of %d record writes failed at commit (%s); "
+                    _log().warning("a batch of %d record writes failed at commit (%s); "
                                 "writing them one by one", len(batch), e)
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
@@ -347,7 +377,7 @@ class Store:
             failed, self._failed = self._failed, []
         for on_error, error in failed:
             if on_error is None:
-                log.error("cannot write a record: %s", error)
+                _log().error("cannot write a record: %s", error)
             else:
                 on_error(error)
 
@@ -364,28 +394,22 @@ class Store:
     def insert(self, record, on_error=None):
         record = dict(record)
         record.setdefault("created", now())
-        record.setdefault("host", socket.gethostname())
+        record.setdefault("host", HOST)
         record["argv"] = json.dumps([text(a) for a in record.get("argv", [])])
         if "cwd" in record:
             record["cwd"] = text(record["cwd"])
-        names = [name for name in record if name in COLUMNS]
-        sql = (f"INSERT INTO jobs ({', '.join(names)}) "
-               f"VALUES ({', '.join('?' for _ in names)})")
-        self._write(sql, [_storable(record[name]) for name in names], on_error)
+        names = tuple(name for name in record if name in COLUMNS)
+        self._write(_insert_sql(names), [_storable(record[name]) for name in names], on_error)
 
     def update(self, job_id, on_error=None, **fields):
-        unknown = set(fields) - set(COLUMNS)
-        if unknown:
-            raise KeyError(f"unknown record fields: {sorted(unknown)}")
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        self._write(f"UPDATE jobs SET {assignments} WHERE id = ?",
+        self._write(_update_sql(tuple(fields)),
                     [*map(_storable, fields.values()), job_id], on_error)
 
     def orphans(self, alive):
         """Ids of this host's unfinished jobs whose dispatcher is gone (alive(pid) is
         False): it was killed while it held them."""
         rows = self.query("WHERE kind = 'job' AND host = ? AND state IN ('queued', 'running')",
-                          [socket.gethostname()])
+                          [HOST])
         return [r["id"] for r in rows if not r["dispatcher"] or not alive(r["dispatcher"])]
 
     def get(self, job_id):
@@ -422,6 +446,7 @@ class Store:
         milliseconds, not the whole gc. Returns (runs removed, other records removed)."""
         seconds = parse_duration(older_than_seconds)
         try:
+            import datetime
             cutoff = _stamp(datetime.datetime.now(datetime.timezone.utc)
                             - datetime.timedelta(seconds=seconds))
         except OverflowError:       # before year 1: nothing is that old
