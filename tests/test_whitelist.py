@@ -652,22 +652,6 @@ def test_describe_for_check(write, matcher):
 
 # -- which whitelist, which backend -------------------------------------------------
 
-def test_find_whitelists(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    env = {"ARV_WRAP_WHITELIST": "/x/a.yaml::rel.yaml"}
-    assert whitelist.find_whitelists(["w.yaml", "/abs/v.yaml"], env) == \
-        [str(tmp_path / "w.yaml"), "/abs/v.yaml"]
-    assert whitelist.find_whitelists([], env) == ["/x/a.yaml", str(tmp_path / "rel.yaml")]
-    assert whitelist.find_whitelists([], {}) == []
-    assert whitelist.find_whitelists([], {"ARV_WRAP_WHITELIST": ""}) == []
-    (tmp_path / "arv-wrap.yaml").write_text("tools: []\n")
-    assert whitelist.find_whitelists([], {}) == [str(tmp_path / "arv-wrap.yaml")]
-    assert whitelist.find_whitelists([], env)[0] == "/x/a.yaml"
-    assert "-w" in whitelist.NO_WHITELIST_MESSAGE
-    assert "ARV_WRAP_WHITELIST" in whitelist.NO_WHITELIST_MESSAGE
-    assert "\n" not in whitelist.NO_WHITELIST_MESSAGE
-
-
 def test_choose_backend(write):
     rule = one(write, "backend: slurm\ntools: [{name: x}]")
     assert whitelist.choose_backend(rule, "docker", {"ARV_WRAP_BACKEND": "local"}) == "docker"

@@ -6,18 +6,35 @@ and by `doctor`, which starts a run of its own to test the chain.
 import os
 import sys
 
-from arvwrap import paths, redact, store, whitelist
+from arvwrap import paths, redact, rules_cache, store
+from arvwrap.errors import UsageError
 
 
-class UsageError(Exception):
-    """A command line arv-wrap cannot act on (exit 2, one line)."""
+def whitelist_files(options, env):
+    files = paths.find_whitelists(options["whitelists"], env)
+    if not files:
+        raise UsageError(paths.NO_WHITELIST_MESSAGE)
+    return files
 
 
 def load_rules(options, env):
-    files = whitelist.find_whitelists(options["whitelists"], env)
-    if not files:
-        raise UsageError(whitelist.NO_WHITELIST_MESSAGE)
+    """(files, Whitelist): the rules in full, validated."""
+    from arvwrap import whitelist
+    files = whitelist_files(options, env)
     return files, whitelist.load(files)
+
+
+def rules_for_run(options, env):
+    """(files, rules with .compiled and .redact): what starting a run needs, from
+    arvwrap.rules_cache when the files have not changed since they were validated."""
+    files = whitelist_files(options, env)
+    state = paths.state_dir(env)
+    key, rules = rules_cache.lookup(state, files)
+    if rules is None:
+        from arvwrap import whitelist
+        rules = whitelist.load(files)
+        rules_cache.remember(state, key, rules)
+    return files, rules
 
 
 def activation_env(files, rules, options, run_id, env):

@@ -5,11 +5,12 @@ The subcommands live in arvwrap.commands, one module per group: running
 logs, cancel, gc) and views (top, report).
 """
 import importlib
+import sqlite3
 import sys
 from typing import NamedTuple
 
-from arvwrap import __version__, paths, store, whitelist
-from arvwrap.activation import UsageError
+from arvwrap import __version__, paths
+from arvwrap.errors import UsageError, WhitelistError
 
 USAGE = """\
 usage: arv-wrap [-w FILE]... [-b BACKEND] [--reuse|--no-reuse] [-v] [--] COMMAND [ARGS...]
@@ -124,10 +125,10 @@ def main(argv=None):
             raise UsageError("no COMMAND given (see arv-wrap --help)")
         from arvwrap.commands import running
         return running.run(options, rest)
-    except (UsageError, whitelist.WhitelistError) as e:
+    except (UsageError, WhitelistError) as e:
         print(f"arv-wrap: {e}", file=sys.stderr)
         return 2
-    except (OSError, store.sqlite3.Error) as e:   # the state dir: full, read-only, not ours
+    except (OSError, sqlite3.Error) as e:   # the state dir: full, read-only, not ours
         print(f"arv-wrap: cannot use the state dir {paths.state_dir()}: "
               f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 125

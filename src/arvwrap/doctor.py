@@ -110,7 +110,7 @@ def check_interception():
 
 
 def check_rules(options):
-    files = whitelist.find_whitelists(options["whitelists"], os.environ)
+    files = paths.find_whitelists(options["whitelists"], os.environ)
     if not files:
         return True, "no whitelist named (needed to run a command: -w FILE)"
     try:
@@ -134,7 +134,7 @@ def check_backend(options):
 
 def named_rules(options):
     """The whitelist's rules, or None (none named, or unreadable: check_rules says so)."""
-    files = whitelist.find_whitelists(options["whitelists"], os.environ)
+    files = paths.find_whitelists(options["whitelists"], os.environ)
     try:
         return whitelist.load(files) if files else None
     except (OSError, whitelist.WhitelistError):

@@ -1,4 +1,5 @@
-"""Where arv-wrap's files live: the state dir, the native artifacts, the socket."""
+"""Where arv-wrap's files live: the state dir, the whitelists of a run, the native
+artifacts, the socket."""
 import os
 import stat
 
@@ -15,6 +16,26 @@ def state_dir(env=os.environ):
     if env.get("XDG_STATE_HOME"):
         return os.path.join(env["XDG_STATE_HOME"], "arv-wrap")
     return os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state", "arv-wrap")
+
+
+# Printed by the caller after "arv-wrap: ", which then exits 2.
+NO_WHITELIST_MESSAGE = (
+    "no whitelist: name one with -w FILE (repeatable), or set "
+    "ARV_WRAP_WHITELIST=FILE[:FILE...], or create ./arv-wrap.yaml"
+)
+
+
+def find_whitelists(cli_paths, env=os.environ) -> list:
+    """-w files, else $ARV_WRAP_WHITELIST (colon-separated), else ./arv-wrap.yaml, else []."""
+    if cli_paths:
+        chosen = list(cli_paths)
+    elif env.get("ARV_WRAP_WHITELIST"):
+        chosen = [p for p in env["ARV_WRAP_WHITELIST"].split(":") if p]
+    elif os.path.exists("arv-wrap.yaml"):
+        chosen = ["arv-wrap.yaml"]
+    else:
+        chosen = []
+    return [os.path.abspath(p) for p in chosen]
 
 
 def private_dir(path):

@@ -20,22 +20,12 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from arvwrap import backends
+from arvwrap.errors import WhitelistError  # noqa: F401 (whitelist.WhitelistError)
 from arvwrap.backends import settings as backend_settings
 
 DEFAULT_BACKEND = "local"
 RULES_VERSION = "1"
 STDIN_MODES = ("auto", "pass", "none")
-
-# Printed by the caller after "arv-wrap: ", which then exits 2.
-NO_WHITELIST_MESSAGE = (
-    "no whitelist: name one with -w FILE (repeatable), or set "
-    "ARV_WRAP_WHITELIST=FILE[:FILE...], or create ./arv-wrap.yaml"
-)
-
-
-class WhitelistError(Exception):
-    """A whitelist that cannot be used; str() is one line: file, line, key, problem."""
-
 
 def __getattr__(name):
     if name == "KNOWN_BACKENDS":      # the registry's, read when asked
@@ -708,19 +698,6 @@ def load(paths) -> Whitelist:
     for i, rule in enumerate(ordered):
         rule.index = i
     return Whitelist(paths, ordered, redact)
-
-
-def find_whitelists(cli_paths, env=os.environ) -> list:
-    """-w files, else $ARV_WRAP_WHITELIST (colon-separated), else ./arv-wrap.yaml, else []."""
-    if cli_paths:
-        chosen = list(cli_paths)
-    elif env.get("ARV_WRAP_WHITELIST"):
-        chosen = [p for p in env["ARV_WRAP_WHITELIST"].split(":") if p]
-    elif os.path.exists("arv-wrap.yaml"):
-        chosen = ["arv-wrap.yaml"]
-    else:
-        chosen = []
-    return [os.path.abspath(p) for p in chosen]
 
 
 def choose_backend(rule: Optional[Rule], cli_backend=None, env=os.environ) -> str:

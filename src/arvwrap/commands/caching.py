@@ -3,7 +3,7 @@ import os
 
 from arvwrap import cache as cache_mod, paths, redact, reuse
 from arvwrap.reuse_jobs import shown_parts
-from arvwrap.activation import UsageError
+from arvwrap.errors import UsageError
 from arvwrap.whitelist import parse_memory
 
 ACTIONS = ("ls", "stats", "clear", "gc")

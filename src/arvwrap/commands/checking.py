@@ -5,7 +5,8 @@ import shutil
 
 from arvwrap import backends, elf, paths, whitelist
 from arvwrap.backends.base import DESCRIPTOR_ARG
-from arvwrap.activation import UsageError, load_rules
+from arvwrap.activation import load_rules
+from arvwrap.errors import UsageError
 
 
 def check(options, command):

@@ -6,7 +6,7 @@ import sys
 import time
 
 from arvwrap import backends, listing, paths, protocol, runs, store
-from arvwrap.activation import UsageError
+from arvwrap.errors import UsageError
 
 LOCAL_LOGS = ("its stderr went straight to the caller's own stderr, which arv-wrap never "
               "copies (so that it stays the caller's descriptor); redirect the pipeline's "

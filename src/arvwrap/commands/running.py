@@ -7,14 +7,15 @@ import signal
 import subprocess
 import sys
 
-from arvwrap import paths, progress
-from arvwrap.activation import UsageError, activation_env, end_run, load_rules, new_run
+from arvwrap import paths
+from arvwrap.activation import activation_env, end_run, new_run, rules_for_run
+from arvwrap.errors import UsageError
 
 
 def run(options, command):
     """Run COMMAND with interception; exit with its status (or die of its signal)."""
     env = dict(os.environ)
-    files, rules = load_rules(options, env)
+    files, rules = rules_for_run(options, env)
     db, run_id = new_run(command, options, env, redact_globs=rules.redact)
     env.update(activation_env(files, rules, options, run_id, env))
     env.pop("ARV_WRAP_JOB", None)
@@ -26,8 +27,10 @@ def run(options, command):
         # The helper's --exec goes through libc's execvp, which the shim hooks: the
         # top-level command is matched exactly like every exec below it.
         argv = [paths.HELPER, "--exec", *command]
-    follower = progress.Follower(paths.state_dir(env), run_id, sys.stderr).start() \
-        if options.get("verbose") else None
+    follower = None
+    if options.get("verbose"):
+        from arvwrap import progress
+        follower = progress.Follower(paths.state_dir(env), run_id, sys.stderr).start()
     child = subprocess.Popen(argv, env=env)
     forward = lambda signum, _frame: child.send_signal(signum)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -71,7 +74,7 @@ def die_of(signum):
 
 def env(options, _words):
     environ = dict(os.environ)
-    files, rules = load_rules(options, environ)
+    files, rules = rules_for_run(options, environ)
     _, run_id = new_run(["arv-wrap", "env", *_words], options, environ,
                         redact_globs=rules.redact, **watched_shell())
     for name, value in activation_env(files, rules, options, run_id, environ).items():

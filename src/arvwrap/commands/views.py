@@ -2,7 +2,7 @@
 import sys
 
 from arvwrap import paths, report as html_report, store, top as live
-from arvwrap.activation import UsageError
+from arvwrap.errors import UsageError
 
 
 def top(_options, words):
