@@ -10,6 +10,7 @@ import time
 import pytest
 
 from arvwrap import store
+from conftest import until
 
 
 def test_records_round_trip_newest_first(tmp_path):
@@ -717,3 +718,20 @@ def test_a_batch_that_fails_at_its_commit_is_written_one_by_one_and_reports_each
     assert db.get("later") is not None
     db.close()
     reader.close()
+
+
+def test_a_store_that_checkpoints_aside_still_gets_its_wal_copied_back(tmp_path):
+    """No commit of it runs a checkpoint (so the dispatcher never waits for one), yet
+    the -wal does not grow without end: its own thread copies it back."""
+    db = store.Store(str(tmp_path / "s"), checkpoint_aside=True)
+    assert db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    database = tmp_path / "s" / "jobs.sqlite"
+    before = database.stat().st_size
+    for n in range(400):              # well over CHECKPOINT_AT of -wal
+        db.begin_batch()
+        db.insert(job(f"J{n}", argv=["x" * 3000]))
+        db.end_batch()
+    until(lambda: database.stat().st_size > before + store.CHECKPOINT_AT,
+          what="a checkpoint copying the -wal back")
+    assert len(store.Store(str(tmp_path / "s")).list()) == 400
+    db.close()

@@ -34,7 +34,8 @@ import time
 
 from arvwrap import backends, paths, protocol, redact, runs, store, whitelist
 from arvwrap.backends import local
-from arvwrap.jobspec import Job, final_fields, job_environment
+from arvwrap.envs import Envs
+from arvwrap.jobspec import Job, final_fields
 from arvwrap.local_jobs import LocalJobs
 from arvwrap.remote_jobs import RemoteJobs
 from arvwrap.reuse_jobs import ReuseJobs, reuse_enabled
@@ -45,6 +46,7 @@ REQUEST_TIMEOUT = 30.0  # s a connection may take to send its whole request
 TICK = 1.0              # s between idle and stale-request checks
 CLEANUP_GRACE = 600.0   # s an idle dispatcher stays for jobs a backend must still cancel
 RUNS_CHECK = 5.0        # s between checks for `arv-wrap env` runs whose shell is gone
+ROUND_PASSES = 4        # looks for more ready connections before a round commits
 # the dispatcher's log never shows a secret value of a call it served (nor NAME=VALUE
 # of a secret NAME): every job's secrets join this one
 LOG_REDACTOR = redact.Redactor(redact.patterns_from())
@@ -115,8 +117,9 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
     def __init__(self, sock_path, state_dir, env=os.environ):
         self.sock_path = sock_path
         self.state_dir = state_dir
-        self.store = store.Store(state_dir)
+        self.store = store.Store(state_dir, checkpoint_aside=True)
         self.rules = RuleCache()
+        self.envs = Envs()
         self.idle_timeout = float(env.get("ARV_WRAP_IDLE_TIMEOUT") or 120)
         self.env = env
         # built now: bad ARV_WRAP_LOCAL_* settings stop the start, with one line
@@ -160,14 +163,25 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             self.rules.new_round()
             self.store.begin_batch()
             try:
-                for key, _ in events:
-                    key.data(key.fileobj)
+                self._serve_events(events)
                 self._run_timers()
                 while not self.posted.empty():
                     self.posted.get()()
             finally:
                 self._end_round()
         listener.close()
+
+    def _serve_events(self, events):
+        """Serve the ready connections, then those that became ready meanwhile (a few
+        times over): their records share the round's one commit."""
+        for _ in range(ROUND_PASSES):
+            for key, _ in events:
+                key.data(key.fileobj)
+            if not self.store.pending:     # no commit to share
+                return
+            events = self.selector.select(0)
+            if not events:
+                return
 
     def _end_round(self):
         """Commit the round's records, then send the replies that waited for them: a
@@ -286,6 +300,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             self.calls.add(call)
             self.last_activity = time.monotonic()
             self.selector.register(conn, selectors.EVENT_READ, lambda _c, call=call: self._readable(call))
+            self._readable(call)      # the request is often there already: no wake for it
 
     def _readable(self, call):
         if call.state == "reading":
@@ -298,8 +313,9 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             if message is not None:
                 self._handle(call, *message)
             return
-        for message in call.lines.read():
-            self._client_message(call, message)
+        messages = call.lines.read()
+        for i, message in enumerate(messages):
+            self._client_message(call, message, messages[i + 1:])
             if call.conn is None:
                 return
         if call.lines.eof:
@@ -461,12 +477,12 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
 
     def build_job(self, request):
         """(Job, warning) for a request, or (None, warning) to run it locally."""
-        env = request.env_dict()
+        caller = self.envs.get(request)
+        env = caller.values
         if b"ARV_WRAP_AS_JOB" in env:
-            return self.driver_job(request, env), None
-        files = [f for f in os.fsdecode(env.get(b"ARV_WRAP_WHITELIST", b"")).split(":") if f]
+            return self.driver_job(request, caller), None
         try:
-            rules = self.rules.get(files)
+            rules = self.rules.get(caller.whitelists)
         except (OSError, whitelist.WhitelistError) as e:
             return None, f"cannot read the rules ({e}); running {os.fsdecode(request.path)} locally"
         name = os.path.basename(request.path)
@@ -474,13 +490,13 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         if rule is None:
             return None, None
         cpus, memory, time_limit, notes = whitelist.resources(rule, request.argv)
-        secrets = self.redactor(env, rules, request.argv)
+        secrets = self.redactor(caller, rules, request.argv)
         job_id = store.new_id()
         run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
         parent = os.fsdecode(env.get(b"ARV_WRAP_JOB", b"")) or run
         backend = os.fsdecode(env.get(b"ARV_WRAP_BACKEND", b"")) or rule.backend or "local"
         job = Job(id=job_id, run=run, parent=parent, argv=request.argv, path=request.path,
-                  cwd=request.cwd, env=job_environment(env, job_id, rule.nested, rule),
+                  cwd=request.cwd, env=caller.job_env(job_id, rule.nested, rule),
                   umask=request.umask, rlimits=request.rlimits, nice=request.nice,
                   ignored_signals=request.ignored_signals,
                   blocked_signals=request.blocked_signals, fds=request.fds,
@@ -492,23 +508,25 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         job.reuse = reuse_enabled(env, rule)
         return job, None
 
-    def redactor(self, env, rules, argv):
+    def redactor(self, caller, rules, argv):
         """What the records and the log must not show of this call's secrets: the
-        values of its secret variables (names as the whitelists' `redact:` and the
-        caller's ARV_WRAP_REDACT add to the defaults)."""
-        secrets = redact.Redactor(redact.patterns_from(env, rules.redact if rules else ()), env)
+        values of its caller's secret variables (names as the whitelists' `redact:`
+        and the caller's ARV_WRAP_REDACT add to the defaults)."""
+        patterns = redact.patterns_from(caller.values, rules.redact if rules else ())
+        secrets = redact.Redactor(patterns, values=caller.secret_values(patterns))
         secrets.argv(argv)                   # and those its argv gives (--password=...)
         if len(self.log_redactor.values) < 10000:
             self.log_redactor.values |= secrets.values
         return secrets
 
-    def driver_job(self, request, env):
+    def driver_job(self, request, caller):
         """`arv-wrap --as-job`: the command itself is the job, a pipeline whose tools
         become its children (nested), with the CPUs it asked for and no rule."""
+        env = caller.values
         job_id = store.new_id()
         run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
         backend = os.fsdecode(env.get(b"ARV_WRAP_BACKEND", b"")) or "local"
-        job_env = job_environment(env, job_id, True, None)
+        job_env = caller.job_env(job_id, True, None)
         del job_env[b"ARV_WRAP_AS_JOB"]          # its tools are ordinary calls
         fractional = getattr(backends.find_quietly(backend), "fractional_cpus", False)
         cpus = float(env[b"ARV_WRAP_AS_JOB"] or (0.1 if fractional else 1))
@@ -518,7 +536,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                   ignored_signals=request.ignored_signals,
                   blocked_signals=request.blocked_signals, fds=request.fds,
                   cwd_fd=request.cwd_fd, cpus=cpus, stdin="auto", nested=True,
-                  backend=backend, redactor=self.redactor(env, None, request.argv))
+                  backend=backend, redactor=self.redactor(caller, None, request.argv))
         job.client_pid = request.pid
         return job
 

@@ -34,23 +34,24 @@ def job_environment(env, job_id, nested, rule):
 
     arv-wrap's own variables and its shim are removed unless the job is itself a
     pipeline (nested), whose tools must keep being redirected; ARV_WRAP_JOB names
-    the job in every case, so calls made under it record it as their parent.
+    the job in every case (given job_id), so calls made under it record it as their
+    parent.
     """
-    out = {}
-    for name, value in env.items():
-        if not nested and name.startswith(b"ARV_WRAP_"):
-            continue
-        if name == b"LD_PRELOAD" and not nested:
-            value = strip_shim(value)
-            if not value:
-                continue
-        out[name] = value
+    if nested:
+        out = dict(env)
+    else:
+        out = {name: value for name, value in env.items() if not name.startswith(b"ARV_WRAP_")}
+        if b"LD_PRELOAD" in out:
+            out[b"LD_PRELOAD"] = strip_shim(out[b"LD_PRELOAD"])
+            if not out[b"LD_PRELOAD"]:
+                del out[b"LD_PRELOAD"]
     if rule is not None:
         for name in rule.env_drop or ():
             out.pop(os.fsencode(name), None)
         for name, value in (rule.env_set or {}).items():
             out[os.fsencode(name)] = os.fsencode(value)
-    out[b"ARV_WRAP_JOB"] = job_id.encode()
+    if job_id is not None:
+        out[b"ARV_WRAP_JOB"] = job_id.encode()
     return out
 
 

@@ -66,7 +66,8 @@ class LocalJobs:
         if not self._send(call, protocol.run_message(job.env, job.stdin == "none")):
             self._caller_gone(call)
 
-    def _client_message(self, call, message):
+    def _client_message(self, call, message, following=()):
+        """One message of the client; following: those it sent after it, read with it."""
         if isinstance(message, int):                 # a forwarded signal
             if call.state == "queued":
                 self._withdraw(call)
@@ -76,26 +77,30 @@ class LocalJobs:
         elif isinstance(message, protocol.Done):
             self._local_done(call, message)
         elif message[0] == "pid" and call.state == "starting":
-            self._local_started(call, message[1])
+            ended = any(isinstance(m, protocol.Done) for m in following)
+            self._local_started(call, message[1], steered=not ended)
         elif message[0] == "nostart" and call.state == "starting":
             self._release(call)
             self._end(call, Outcome("failed", reason=f"cannot start: {os.strerror(message[1])}"))
 
-    def _local_started(self, call, pid):
+    def _local_started(self, call, pid, steered=True):
+        """The tool runs as pid. steered: it may still be running, so open the pidfd
+        that steers it and arm its timers (not for a tool whose end came with this)."""
         call.state, call.pid = "running", pid
-        try:
-            call.pidfd = os.pidfd_open(pid)
-        except OSError:
-            call.pidfd = None        # it has already ended: its "done" follows
         job = call.job
-        if job.time_limit:
-            call.kill_timer = self.after(job.time_limit, lambda: self._kill_local(
-                call, f"{job.tool} exceeded its time limit of {job.time_limit}s"))
+        if steered:
+            try:
+                call.pidfd = os.pidfd_open(pid)
+            except OSError:
+                call.pidfd = None        # it has already ended: its "done" follows
+            if job.time_limit:
+                call.kill_timer = self.after(job.time_limit, lambda: self._kill_local(
+                    call, f"{job.tool} exceeded its time limit of {job.time_limit}s"))
+            # the pid reaches the record with its end, or now if the job outlives a
+            # short while: a quick tool costs one write less
+            call.pid_timer = self.after(PID_RECORD_DELAY, lambda: self._record_pid(call))
         if job.cancel_reason:
             self._kill_local(call, job.cancel_reason)
-        # the pid reaches the record with its end, or now if the job outlives a short
-        # while: a quick tool costs one write less
-        call.pid_timer = self.after(PID_RECORD_DELAY, lambda: self._record_pid(call))
 
     def _record_pid(self, call):
         call.pid_timer = None

@@ -64,18 +64,19 @@ def _matcher(patterns):
 
 
 class Redactor:
-    def __init__(self, patterns=DEFAULTS, env=None):
+    def __init__(self, patterns=DEFAULTS, env=None, values=None):
+        """values: those of env's secret variables, if already known (arvwrap.envs)."""
         self.patterns = tuple(p.upper() for p in patterns)
+        self._shown = None       # (argv, as shown) of the last argv()
+        if values is not None:
+            self.values = set(values)
+            return
         decided = _decided(self.patterns)
-        values = set()
+        self.values = set()
         for name, value in (env or {}).items():
             secret = decided.get(name)     # inline: a call's environment is mostly known
             if secret or (secret is None and self.secret_name(name)):
-                values.add(os.fsencode(value))
-        self.values = set()
-        self._shown = None       # (argv, as shown) of the last argv()
-        for value in values:
-            self._remember(value)
+                self._remember(os.fsencode(value))
 
     def secret_name(self, name):
         return _secret(self.patterns, name)

@@ -86,6 +86,8 @@ COLUMNS = {name: kind for columns, _ in VERSIONS for name, kind in columns.items
 BUSY_TIMEOUT = 30          # seconds SQLite itself waits for a lock (its busy handler)
 RETRY_DEADLINE = 30        # seconds we go on retrying what SQLite refuses at once
 WAL_SIZE_LIMIT = 4 << 20   # bytes the -wal file is truncated to when it is reset
+CHECKPOINT_EVERY = 0.25    # s between looks at the -wal of a store that checkpoints aside
+CHECKPOINT_AT = 1 << 20    # bytes of -wal that it copies back into the database
 VACUUM_LIMIT = 256 << 20   # a legacy database larger than this is never VACUUMed whole
 VACUUM_CHUNK = 256         # pages freed per (short) write transaction by gc
 GC_BATCH = 200             # runs removed per write transaction by gc
@@ -140,6 +142,11 @@ def _storable(value):
             except UnicodeEncodeError:
                 return value.encode("utf-8", "backslashreplace")
     return value
+
+
+def _storables(values):
+    """[_storable(v) for v in values], without a call for the usual ASCII or non-str."""
+    return [v if type(v) is not str or v.isascii() else _storable(v) for v in values]
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -228,12 +235,20 @@ def _private_file(path, create):
 class Store:
     """Thread-safe access to the records of one state dir."""
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, checkpoint_aside=False):
+        """checkpoint_aside: no commit of this store ever runs a WAL checkpoint (one
+        SQLite would run in the commit that crosses 1000 pages, fsyncs included);
+        a thread of its own does them (the dispatcher's loop never waits for one)."""
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "jobs.sqlite")
         self._lock = threading.Lock()
         self._batch = None      # see begin_batch
+        self._checkpoint_aside = checkpoint_aside
+        self._closed = threading.Event()
         self._open()
+        if checkpoint_aside:
+            threading.Thread(target=self._checkpoints, name="arvwrap-checkpoints",
+                             daemon=True).start()
 
     # -- opening and migrating ----------------------------------------------------
 
@@ -246,6 +261,8 @@ class Store:
             self._inode = os.stat(self.path).st_ino
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            if self._checkpoint_aside:
+                db.execute("PRAGMA wal_autocheckpoint=0")
             self.schema_version = _retry(lambda: self._prepare(db))
             self._private_files(before=False)
         except BaseException:
@@ -320,8 +337,27 @@ class Store:
         return self._db
 
     def close(self):
+        self._closed.set()
         with self._lock:
             self._db.close()
+
+    def _checkpoints(self):
+        """Copy the -wal back into the database once it has grown, on a connection of
+        its own: a PASSIVE checkpoint takes no write lock, so writers go on."""
+        said = None
+        while not self._closed.wait(CHECKPOINT_EVERY):
+            try:
+                if os.path.getsize(self.path + "-wal") < CHECKPOINT_AT:
+                    continue
+                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                finally:
+                    db.close()
+            except (OSError, sqlite3.Error) as e:   # the next round tries again
+                if str(e) != said:
+                    _log().warning("checkpointing %s: %s", self.path, e)
+                said = str(e)
 
     # -- records ------------------------------------------------------------------
 
@@ -399,11 +435,11 @@ class Store:
         if "cwd" in record:
             record["cwd"] = text(record["cwd"])
         names = tuple(name for name in record if name in COLUMNS)
-        self._write(_insert_sql(names), [_storable(record[name]) for name in names], on_error)
+        self._write(_insert_sql(names), _storables([record[name] for name in names]), on_error)
 
     def update(self, job_id, on_error=None, **fields):
         self._write(_update_sql(tuple(fields)),
-                    [*map(_storable, fields.values()), job_id], on_error)
+                    [*_storables(fields.values()), job_id], on_error)
 
     def orphans(self, alive):
         """Ids of this host's unfinished jobs whose dispatcher is gone (alive(pid) is
