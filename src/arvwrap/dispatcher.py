@@ -116,6 +116,7 @@ class Call:
 class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
     def __init__(self, sock_path, state_dir, env=os.environ):
         self.sock_path = sock_path
+        self.uid, self.pid = os.getuid(), os.getpid()
         self.state_dir = state_dir
         self.store = store.Store(state_dir, checkpoint_aside=True)
         self.rules = RuleCache()
@@ -291,7 +292,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             except OSError as e:        # out of descriptors: wait for some to close
                 log.warning("cannot accept a connection: %s", e)
                 return
-            if protocol.peer_uid(conn) != os.getuid():
+            if protocol.peer_uid(conn) != self.uid:
                 log.warning("refused a connection from uid %d", protocol.peer_uid(conn))
                 conn.close()
                 continue
@@ -451,7 +452,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             if call.recorded:
                 self.store.update(job.id, **fields)
             else:
-                self.store.insert({**job.record(), "dispatcher": os.getpid(), **fields},
+                self.store.insert({**job.record(), "dispatcher": self.pid, **fields},
                                   on_error=lambda e: self.failed_records.append((call, e)))
                 call.recorded = True
             return True

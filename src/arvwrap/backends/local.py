@@ -154,7 +154,10 @@ class Scheduler:
         self.running.discard(claim)
         self.used_cpus -= claim.cpus - claim.borrowed[0]
         self.used_memory -= claim.memory - claim.borrowed[1]
-        self._running_ends.subtract((pipe, mode) for pipe, mode in claim.pipes.items())
+        for end in claim.pipes.items():
+            self._running_ends[end] -= 1
+            if not self._running_ends[end]:
+                del self._running_ends[end]
         borrower = claim.borrower
         if borrower is not None:         # the pipeline ended before its tool: it owns it now
             self.used_cpus += borrower.borrowed[0]
@@ -230,7 +233,8 @@ class Scheduler:
         self.running.add(claim)
         self.used_cpus += claim.cpus - claim.borrowed[0]
         self.used_memory += claim.memory - claim.borrowed[1]
-        self._running_ends.update((pipe, mode) for pipe, mode in claim.pipes.items())
+        for end in claim.pipes.items():
+            self._running_ends[end] += 1
 
     def _admit_head(self):
         """First come, first served: the head while it fits, and every queued
