@@ -685,3 +685,17 @@ def test_demo_whitelist(matcher):
         assert wl.match([tool, b"file"], tool, None) is not None
         assert wl.match([tool, b"--help"], tool, None) is None
     assert wl.match([b"wc", b"-l"], b"wc", None) is None
+
+
+def test_a_programs_match_is_remembered_only_where_argv_cannot_change_it(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("tools:\n  - name: bwa\n")
+    rules = load([str(plain)])
+    for argv in ([b"bwa", b"mem"], [b"bwa", b"index", b"ref.fa"]):
+        assert rules.match(argv, b"bwa", b"/usr/bin/bwa") is rules.rules[0]
+    assert rules.match([b"gzip"], b"gzip", b"/bin/gzip") is None
+    conditional = tmp_path / "when.yaml"
+    conditional.write_text("tools:\n  - name: samtools\n    when: {subcommand: [sort]}\n")
+    rules = load([str(conditional)])
+    assert rules.match([b"samtools", b"sort"], b"samtools", b"/usr/bin/samtools") is not None
+    assert rules.match([b"samtools", b"view"], b"samtools", b"/usr/bin/samtools") is None

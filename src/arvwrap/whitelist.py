@@ -92,6 +92,9 @@ class Whitelist:
         self.redact = tuple(redact)   # the files' `redact:` globs, in file order
         self.compiled = compile_rules(rules)
         self._c_rules = self.compiled.encode("ascii")
+        # without `when:` conditions only the program decides: each is matched once
+        self._by_program = None if any(r.when_subcommand or r.when_not_flags
+                                       for r in rules) else {}
 
     def __len__(self):
         return len(self.rules)
@@ -106,6 +109,16 @@ class Whitelist:
         name: basename of the program as exec'd (default: of argv[0]);
         path: the absolute resolved path, or None (then path rules never match).
         """
+        if self._by_program is not None and name is not None:
+            program = (os.fsencode(name), None if path is None else os.fsencode(path))
+            if program not in self._by_program:
+                if len(self._by_program) >= 4096:
+                    self._by_program.clear()
+                self._by_program[program] = self._match(argv, name, path)
+            return self._by_program[program]
+        return self._match(argv, name, path)
+
+    def _match(self, argv, name, path):
         ffi, lib = _matcher()
         name, path, c_argv, keep = _c_args(ffi, argv, name, path)
         index = lib.aw_match(self._c_rules, name, path, c_argv)
