@@ -307,7 +307,8 @@ def report_in_flight(n, plain, wrapped):
 # -- 2. tiny jobs --
 
 def tiny_jobs(tmp, bin_dir, rules, args):
-    """(commands, {(command, wrapped?): [seconds of the good runs]}, problem lines)."""
+    """(commands, {(command, wrapped?): [seconds of the good runs]}, problem lines,
+    {command: [the dispatcher's CPU seconds in each good wrapped run]})."""
     env = base_env(tmp, bin_dir, "tiny")
     jobs = args.make_jobs
     makefile = os.path.join(tmp, "Makefile")
@@ -320,24 +321,37 @@ def tiny_jobs(tmp, bin_dir, rules, args):
     commands = {"make -j16": ["make", "-s", "-j16", "-f", makefile],
                 "xargs -P16": ["xargs", "-P16", "-n1", "-a", arguments, "tiny"]}
     wrap = [sys.executable, "-m", "arvwrap", "-w", rules, "--"]
-    times, notes = {}, []
+    times, notes, cpu = {}, [], {}
     activated_env = activated(env, rules)
     try:   # the warm-up starts the dispatcher that the wrapped runs then find
         common.require_setup(activated_env, warmup=["tiny"], backend="local")
+        dispatchers = common.dispatcher_pids(activated_env)
         for i in range(args.rounds):
             for name, argv in commands.items():
                 for wrapped in (False, True):
+                    used = dispatcher_cpu(dispatchers)
                     seconds, wrong = tiny_run(wrap + argv if wrapped else argv, env,
                                               wrapped, jobs, tmp)
                     if wrong:
                         notes.append(f"  ! {name}{', wrapped' if wrapped else ''}, "
                                      f"round {i + 1}: " + "\n    ".join(wrong))
-                    else:
-                        times.setdefault((name, wrapped), []).append(seconds)
+                        continue
+                    times.setdefault((name, wrapped), []).append(seconds)
+                    if wrapped:
+                        cpu.setdefault(name, []).append(dispatcher_cpu(dispatchers) - used)
     finally:
         common.stop_dispatcher(activated_env)
         kill_tagged()
-    return commands, times, notes
+    return commands, times, notes, cpu
+
+
+def dispatcher_cpu(pids):
+    """User + system seconds the dispatchers have used (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        fields = common.read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+        total += int(fields[11]) + int(fields[12]) if len(fields) > 12 else 0
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def tiny_run(argv, env, wrapped, jobs, tmp):
@@ -367,7 +381,7 @@ def tiny_run(argv, env, wrapped, jobs, tmp):
     return seconds, ["; ".join(what), *errors, *said]
 
 
-def report_tiny_jobs(commands, times, notes, jobs, rounds):
+def report_tiny_jobs(commands, times, notes, cpu, jobs, rounds):
     print(f"\n{jobs} tiny jobs (`tiny` = a copy of /bin/true, cpus 0.1), median of the "
           f"good runs of {rounds} rounds; wrapped includes starting `python -m arvwrap`")
     for name in commands:
@@ -384,6 +398,9 @@ def report_tiny_jobs(commands, times, notes, jobs, rounds):
         if name.startswith("make"):
             line += "   (target: >= 400 jobs/s and >= x0.5)"
         print(line)
+        if cpu.get(name):
+            print(f"  {'':11} dispatcher CPU per wrapped call: "
+                  f"{common.median(cpu[name]) / jobs * 1e6:.0f} us")
     for note in notes:
         print(note)
 
