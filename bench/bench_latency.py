@@ -19,11 +19,13 @@ import common  # noqa: E402
 from arvwrap import activation, paths, whitelist  # noqa: E402
 
 
-def activated_env(tmp):
+def activated_env(tmp, tool="true", bin_dir=None):
+    """An environment that redirects `tool` (found first in bin_dir, if given)."""
     rules_file = os.path.join(tmp, "bench.yaml")
     with open(rules_file, "w") as f:
-        f.write("tools:\n  - name: 'true'\n    cpus: 0.1\n")
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"),
+        f.write(f"tools:\n  - name: '{tool}'\n    cpus: 0.1\n")
+    path = f"{bin_dir}:{os.environ['PATH']}" if bin_dir else os.environ["PATH"]
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, "state"), "ARV_WRAP_IDLE_TIMEOUT": "30"}
     if "PYTHONPATH" in os.environ:   # a source checkout: the dispatcher must import it too
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
