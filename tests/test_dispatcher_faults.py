@@ -210,8 +210,11 @@ def as_nobody(sock_path, data):
             os.setresuid(NOBODY, NOBODY, NOBODY)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(sock_path)
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
+                try:
+                    s.sendall(data)
+                    s.shutdown(socket.SHUT_WR)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass        # it hung up before we were done (refused at accept)
                 os.write(w, b"closed " + closed_by_peer(s))
         except BaseException as e:
             os.write(w, repr(e).encode())
