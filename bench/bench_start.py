@@ -8,7 +8,11 @@ with spawn_loop, then the installed client itself, in its probe mode
 (ARV_WRAP_PROBE=/dev/null: it reads its request and exits 0, contacting no
 dispatcher). Medians of --n runs; nothing is asserted.
 
-    python bench/bench_start.py [--n 2000]
+Then a run's own start, which `arv-wrap COMMAND` pays once: `python -m arvwrap -w W
+-- true` (its whitelist already validated once, as in any run after the first),
+beside `python -c pass`, medians of --runs.
+
+    python bench/bench_start.py [--n 2000] [--runs 15]
 """
 import argparse
 import os
@@ -49,6 +53,7 @@ def variants(tmp):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     if not os.path.isfile(paths.CLIENT):
         common.refuse(f"{paths.CLIENT} does not exist (python setup.py build_ext --inplace)")
@@ -62,6 +67,25 @@ def main():
         for label, argv in programs.items():
             seconds = common.median(common.spawn_loop(loop, args.n, argv, env))
             print(f"  {label:28} {seconds * 1e6:7.0f} us")
+        run_start(loop, tmp, args.runs)
+
+
+def run_start(loop, tmp, runs):
+    rules = os.path.join(tmp, "w.yaml")
+    with open(rules, "w") as f:
+        f.write("tools:\n  - name: tiny\n")
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"),
+           "ARV_WRAP_STATE_DIR": os.path.join(tmp, "state")}
+    if "PYTHONPATH" in os.environ:   # a source checkout
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    run = [sys.executable, "-m", "arvwrap", "-w", rules, "--", "true"]
+    if subprocess.run(run, env=env).returncode != 0:   # and its whitelist is validated
+        common.refuse("python -m arvwrap -- true failed")
+    print(f"a run's start, median of {runs}")
+    for label, argv in (("python -m arvwrap -w W -- true", run),
+                        ("python -c pass", [sys.executable, "-c", "pass"])):
+        seconds = common.median(common.spawn_loop(loop, runs, argv, env))
+        print(f"  {label:32} {seconds * 1e3:6.1f} ms")
 
 
 if __name__ == "__main__":
