@@ -45,14 +45,6 @@ def cpu_per_call(loop, n, argv, env):
     return common.median([int(line) for line in out.split()])
 
 
-def dispatcher_cpu(pids):
-    total = 0
-    for pid in pids:
-        fields = common.read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
-        total += int(fields[11]) + int(fields[12]) if len(fields) > 12 else 0
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
@@ -73,9 +65,9 @@ def main():
                 rows["vfork"].append(cpu_per_call(loop, args.n, [wrapper, tool], direct))
                 rows["probe"].append(cpu_per_call(loop, args.n, ["tiny"],
                                                   {**env, "ARV_WRAP_PROBE": os.devnull}))
-                before = dispatcher_cpu(pids)
+                before = common.dispatcher_cpu(pids)
                 rows["wrapped"].append(cpu_per_call(loop, args.n, ["tiny"], env))
-                rows["dispatcher"].append((dispatcher_cpu(pids) - before) / args.n * 1e6)
+                rows["dispatcher"].append((common.dispatcher_cpu(pids) - before) / args.n * 1e6)
         finally:
             bench_latency.stop_dispatcher(env)
     m = {k: common.median(v) for k, v in rows.items()}

@@ -329,7 +329,7 @@ def tiny_jobs(tmp, bin_dir, rules, args):
         for i in range(args.rounds):
             for name, argv in commands.items():
                 for wrapped in (False, True):
-                    used = dispatcher_cpu(dispatchers)
+                    used = common.dispatcher_cpu(dispatchers)
                     seconds, wrong = tiny_run(wrap + argv if wrapped else argv, env,
                                               wrapped, jobs, tmp)
                     if wrong:
@@ -338,20 +338,11 @@ def tiny_jobs(tmp, bin_dir, rules, args):
                         continue
                     times.setdefault((name, wrapped), []).append(seconds)
                     if wrapped:
-                        cpu.setdefault(name, []).append(dispatcher_cpu(dispatchers) - used)
+                        cpu.setdefault(name, []).append(common.dispatcher_cpu(dispatchers) - used)
     finally:
         common.stop_dispatcher(activated_env)
         kill_tagged()
     return commands, times, notes, cpu
-
-
-def dispatcher_cpu(pids):
-    """User + system seconds the dispatchers have used (/proc/PID/stat)."""
-    total = 0
-    for pid in pids:
-        fields = common.read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
-        total += int(fields[11]) + int(fields[12]) if len(fields) > 12 else 0
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def tiny_run(argv, env, wrapped, jobs, tmp):

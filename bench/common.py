@@ -122,6 +122,15 @@ def all_pids():
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def dispatcher_cpu(pids):
+    """User + system seconds the dispatchers have used (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        fields = read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+        total += int(fields[11]) + int(fields[12]) if len(fields) > 12 else 0
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def dispatcher_pids(env):
     """Dispatchers serving env's state dir, found by their command line (not by a
     pattern that could match someone else's)."""
