@@ -513,7 +513,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         """What the records and the log must not show of this call's secrets: the
         values of its caller's secret variables (names as the whitelists' `redact:`
         and the caller's ARV_WRAP_REDACT add to the defaults)."""
-        patterns = redact.patterns_from(caller.values, rules.redact if rules else ())
+        patterns = caller.redact_patterns(rules.redact if rules else ())
         secrets = redact.Redactor(patterns, values=caller.secret_values(patterns))
         secrets.argv(argv)                   # and those its argv gives (--password=...)
         if len(self.log_redactor.values) < 10000:

@@ -23,8 +23,16 @@ class CallerEnv:
         self.values = values
         whitelists = os.fsdecode(values.get(b"ARV_WRAP_WHITELIST", b""))
         self.whitelists = tuple(f for f in whitelists.split(":") if f)
+        self._patterns = {}     # a whitelist's `redact:` -> the redaction patterns
         self._secrets = {}      # redaction patterns -> the secret values
         self._job_envs = {}     # (nested, the rule's env: changes) -> the job's variables
+
+    def redact_patterns(self, extra):
+        """redact.patterns_from this environment and a whitelist's `redact:` globs."""
+        found = self._patterns.get(extra)
+        if found is None:
+            found = self._patterns[extra] = redact.patterns_from(self.values, extra)
+        return found
 
     def secret_values(self, patterns):
         """The values of the secret variables (arvwrap.redact) under these patterns."""

@@ -12,7 +12,6 @@ The parsing is split from the I/O (parse_header, parse_payload) so that any I/O 
 can use it: read_request does blocking I/O, Incoming the non-blocking kind. Whatever
 goes wrong, the received descriptors are closed before ProtocolError is raised.
 """
-import array
 import functools
 import os
 import re
@@ -27,7 +26,9 @@ CANCEL_MAGIC = b"AWC1"
 HEADER = struct.Struct("<4sQ")
 MAX_PAYLOAD = 64 << 20          # argv + environ are capped far lower by the kernel
 MAX_FDS = 253                   # SCM_MAX_FD
-_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)   # each descriptor a C int
+# Plain ints: socket's MsgFlag members cost an enum operation at each use.
+_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
 _DECIMAL = re.compile(rb"[0-9]{1,19}")
 _RLIMIT = re.compile(rb"([0-9]{1,4}) ([0-9]{1,20}|inf) ([0-9]{1,20}|inf)")
 _CLIENT_LINE = re.compile(rb"(sig|pid|nostart) ([0-9]{1,10})|done (-?[0-9]{1,10}) ([0-9]{1,19}) "
@@ -219,9 +220,7 @@ def _assign_fds(request, labels, fds):
 def _fds_from_ancillary(ancdata, fds):
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[:len(data) - len(data) % a.itemsize])
-            fds.extend(a)
+            fds.extend(memoryview(data)[:len(data) - len(data) % 4].cast("i"))
 
 
 def read_request(sock: socket.socket) -> Request:
@@ -231,9 +230,9 @@ def read_request(sock: socket.socket) -> Request:
         header = b""
         while len(header) < HEADER.size:
             data, ancdata, flags, _ = sock.recvmsg(HEADER.size - len(header), _ANCILLARY,
-                                                   socket.MSG_CMSG_CLOEXEC)
+                                                   _CLOEXEC)
             _fds_from_ancillary(ancdata, fds)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _CTRUNC:
                 raise ProtocolError("descriptors were truncated (more than the limit sent)")
             if not data:
                 raise ProtocolError(f"connection closed after {len(header)} of "
@@ -301,13 +300,13 @@ class Incoming:
         size = self.MAX_CANCEL if self.header.startswith(CANCEL_MAGIC) else HEADER.size
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(size - len(self.header), _ANCILLARY,
-                                                        socket.MSG_CMSG_CLOEXEC)
+                                                        _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
             raise ProtocolError(f"reading the request: {e}") from e
         _fds_from_ancillary(ancdata, self.fds)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             raise ProtocolError("descriptors were truncated (more than the limit sent)")
         if not data:
             raise ProtocolError(f"connection closed after {len(self.header)} header bytes")

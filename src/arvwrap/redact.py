@@ -59,6 +59,11 @@ def _decided(patterns):
 
 
 @functools.lru_cache(maxsize=64)
+def _upper(patterns):
+    return tuple(p.upper() for p in patterns)
+
+
+@functools.lru_cache(maxsize=64)
 def _matcher(patterns):
     return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
@@ -66,7 +71,7 @@ def _matcher(patterns):
 class Redactor:
     def __init__(self, patterns=DEFAULTS, env=None, values=None):
         """values: those of env's secret variables, if already known (arvwrap.envs)."""
-        self.patterns = tuple(p.upper() for p in patterns)
+        self.patterns = _upper(tuple(patterns))
         self._shown = None       # (argv, as shown) of the last argv()
         if values is not None:
             self.values = set(values)

@@ -9,7 +9,6 @@ The schema is versioned (`PRAGMA user_version`, see VERSIONS): opening a databas
 of an earlier version migrates it in one transaction, which one process does while
 the others wait and then see the new version.
 """
-import base64
 import functools
 import json
 import os
@@ -96,15 +95,16 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _BUSY = (sqlite3.SQLITE_BUSY, getattr(sqlite3, "SQLITE_PROTOCOL", 15))
 
 
-# base32's alphabet -> Crockford's: b32encode does the bit slicing in C
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+# Every two Crockford digits (10 bits): a ULID is 13 lookups. (base64.b32encode
+# slices bits in a Python loop before 3.13, at twice the time.)
+_DIGIT_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+_PAIR_SHIFTS = range(120, -1, -10)
 
 
 def new_id():
     """A ULID: 48-bit millisecond time + 80 random bits, sortable and unique across machines."""
-    # 160 bits are 32 base32 digits; the last 26 hold the ULID's 130 (top two zero)
-    raw = (int(time.time() * 1000) & (1 << 48) - 1).to_bytes(10, "big") + os.urandom(10)
-    return base64.b32encode(raw)[6:].translate(_TO_CROCKFORD).decode()
+    n = (int(time.time() * 1000) & (1 << 48) - 1) << 80 | int.from_bytes(os.urandom(10), "big")
+    return "".join([_DIGIT_PAIRS[n >> shift & 1023] for shift in _PAIR_SHIFTS])
 
 
 def _stamp(moment):
