@@ -720,6 +720,22 @@ def test_a_batch_that_fails_at_its_commit_is_written_one_by_one_and_reports_each
     reader.close()
 
 
+def test_the_checkpoint_thread_sleeps_while_nothing_is_written(tmp_path, monkeypatch):
+    """An idle dispatcher does not wake to look at its -wal: the thread looks only
+    after a commit."""
+    looks = []
+    real = store.os.path.getsize
+    monkeypatch.setattr(store.os.path, "getsize", lambda p: looks.append(p) or real(p))
+    db = store.Store(str(tmp_path / "s"), checkpoint_aside=True)
+    time.sleep(store.CHECKPOINT_EVERY * 2)
+    assert looks == []
+    db.begin_batch()
+    db.insert(job("J1"))
+    db.end_batch()
+    until(lambda: looks, what="a look at the -wal after a commit")
+    db.close()
+
+
 def test_a_store_that_checkpoints_aside_still_gets_its_wal_copied_back(tmp_path):
     """No commit of it runs a checkpoint (so the dispatcher never waits for one), yet
     the -wal does not grow without end: its own thread copies it back."""

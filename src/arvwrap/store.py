@@ -245,6 +245,7 @@ class Store:
         self._batch = None      # see begin_batch
         self._checkpoint_aside = checkpoint_aside
         self._closed = threading.Event()
+        self._wrote = threading.Event()   # a commit since the checkpointer last looked
         self._open()
         if checkpoint_aside:
             threading.Thread(target=self._checkpoints, name="arvwrap-checkpoints",
@@ -338,14 +339,18 @@ class Store:
 
     def close(self):
         self._closed.set()
+        self._wrote.set()
         with self._lock:
             self._db.close()
 
     def _checkpoints(self):
         """Copy the -wal back into the database once it has grown, on a connection of
-        its own: a PASSIVE checkpoint takes no write lock, so writers go on."""
+        its own: a PASSIVE checkpoint takes no write lock, so writers go on. It wakes
+        only after commits (an idle dispatcher stays asleep), at most once per
+        CHECKPOINT_EVERY."""
         said = None
-        while not self._closed.wait(CHECKPOINT_EVERY):
+        while self._wrote.wait() and not self._closed.wait(CHECKPOINT_EVERY):
+            self._wrote.clear()
             try:
                 if os.path.getsize(self.path + "-wal") < CHECKPOINT_AT:
                     continue
@@ -366,6 +371,7 @@ class Store:
             if self._batch is None:
                 db = self._current()
                 _retry(lambda: db.execute(sql, params))
+                self._wrote.set()
                 return
             if not self._db.in_transaction:      # the batch's first write begins it
                 db = self._current()
@@ -410,6 +416,7 @@ class Store:
                     self._batch = batch
                     self._replay()
                     self._batch = None
+                self._wrote.set()
             failed, self._failed = self._failed, []
         for on_error, error in failed:
             if on_error is None:
