@@ -1,8 +1,10 @@
 """Starting runs: `arv-wrap --as-job`, `-v`, and `arv-wrap env` runs that end."""
+import shlex
 import subprocess
+import sys
 import time
 
-from conftest import arv_wrap, jobs, write_tool
+from conftest import arv_wrap, jobs, need, write_tool
 
 
 def tree_of(env):
@@ -93,3 +95,46 @@ def test_an_env_run_stays_running_while_its_shell_lives(tools, base_env, whiteli
         shell.communicate(b"\n", timeout=10)
     [run] = [r for r in jobs(base_env) if r["kind"] == "run"]
     assert run["state"] == "exited"
+
+
+def test_the_command_inherits_every_descriptor_and_signal_disposition_of_a_direct_run(
+        tmp_path, base_env, whitelist_file):
+    """What arv-wrap was given goes on to COMMAND: a descriptor not named anywhere,
+    and the ignored signals (none that Python or glibc's posix_spawn add)."""
+    rules = whitelist_file("tools:\n  - name: step\n")
+    wrap = shlex.join([sys.executable, "-m", "arvwrap", "-w", rules, "--"])
+    show = "ls /proc/self/fd >&5; grep SigIgn /proc/self/status >&5"
+    outputs = {}
+    for how, prefix in (("direct", ""), ("wrapped", wrap)):
+        out = tmp_path / how
+        script = f"exec 5>'{out}'; trap '' HUP; {prefix} sh -c '{show}'"
+        assert subprocess.run(["bash", "-c", script], env=base_env).returncode == 0
+        outputs[how] = out.read_text()
+    assert "5\n" in outputs["direct"] and "SigIgn:\t0000000000000001" in outputs["direct"]
+    assert outputs["wrapped"] == outputs["direct"]
+
+
+# a and b each wait (up to 5 s) for the other to have started
+SUB_MK = """all: a b
+a:
+\ttouch a.started; for i in $$(seq 250); do [ -e b.started ] && break; sleep 0.02; done; echo a ran
+b:
+\ttouch b.started; for i in $$(seq 250); do [ -e a.started ] && break; sleep 0.02; done; echo b ran
+"""
+
+
+def test_a_make_recipe_running_arv_wrap_gives_its_sub_make_the_jobserver(
+        tmp_path, base_env, whitelist_file):
+    """`+arv-wrap -- make` in an outer make -j: the sub-make runs a and b at once,
+    which it can only do with the outer make's jobserver descriptors."""
+    need("make")
+    rules = whitelist_file("tools:\n  - name: step\n")
+    wrap = shlex.join([sys.executable, "-m", "arvwrap", "-w", rules, "--"])
+    (tmp_path / "sub.mk").write_text(SUB_MK)
+    (tmp_path / "outer.mk").write_text(f"all:\n\t+{wrap} $(MAKE) -s -f sub.mk\n")
+    result = subprocess.run(["make", "-s", "-j2", "-f", "outer.mk"], cwd=tmp_path, env=base_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert b"jobserver unavailable" not in result.stderr, result.stderr
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert sorted(result.stdout.split(b"\n")) == [b"", b"a ran", b"b ran"]
+    assert (tmp_path / "a.started").exists() and (tmp_path / "b.started").exists()
