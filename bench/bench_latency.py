@@ -27,8 +27,7 @@ def activated_env(tmp, tool="true", bin_dir=None):
     path = f"{bin_dir}:{os.environ['PATH']}" if bin_dir else os.environ["PATH"]
     env = {"PATH": path, "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, "state"), "ARV_WRAP_IDLE_TIMEOUT": "30"}
-    if "PYTHONPATH" in os.environ:   # a source checkout: the dispatcher must import it too
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env.update(common.source_path())   # a source checkout: the dispatcher imports it too
     rules = whitelist.load([rules_file])
     env.update(activation.activation_env([rules_file], rules, {"backend": "local"}, "bench", env))
     return env

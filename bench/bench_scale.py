@@ -71,8 +71,7 @@ def base_env(tmp, bin_dir, name, extra=()):
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, f"state-{name}"),
            "ARV_WRAP_IDLE_TIMEOUT": "120", TAG: TAG_VALUE, **dict(extra)}
-    if "PYTHONPATH" in os.environ:   # a source checkout: the dispatcher must import it too
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env.update(common.source_path())   # a source checkout: the dispatcher imports it too
     return env
 
 

@@ -40,8 +40,7 @@ def activated_env(tmp, name, rules_text, extra=None):
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, f"state-{name}"),
            "ARV_WRAP_IDLE_TIMEOUT": "60"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env.update(common.source_path())   # a source checkout: the dispatcher imports it too
     env.update(extra or {})
     rules = whitelist.load([rules_file])
     env.update(activation.activation_env([rules_file], rules, {"backend": "slurm"}, "bench", env))

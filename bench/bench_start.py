@@ -76,8 +76,7 @@ def run_start(loop, tmp, runs):
         f.write("tools:\n  - name: tiny\n")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, "state")}
-    if "PYTHONPATH" in os.environ:   # a source checkout
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env.update(common.source_path())   # a source checkout: the dispatcher imports it too
     run = [sys.executable, "-m", "arvwrap", "-w", rules, "--", "true"]
     if subprocess.run(run, env=env).returncode != 0:   # and its whitelist is validated
         common.refuse("python -m arvwrap -- true failed")

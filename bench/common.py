@@ -29,6 +29,16 @@ def spawn_loop(loop, n, argv, env):
     return [int(line) / 1e9 for line in out.split()]
 
 
+def source_path():
+    """{"PYTHONPATH": ...} for the processes a benchmark starts, its entries made
+    absolute (or {} without one): the dispatcher runs in /, where `PYTHONPATH=src`
+    would have it import an installed copy instead of the tree under test."""
+    given = os.environ.get("PYTHONPATH")
+    if not given:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in given.split(os.pathsep) if p)}
+
+
 def median(values):
     return statistics.median(values)
 
