@@ -84,7 +84,8 @@ def exit_now(status):
     each run here): the run's end is committed, and nothing else is left to do."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:      # None: arv-wrap was started without it
+                stream.flush()
         except (OSError, ValueError):   # a closed or broken stdout: the status still counts
             pass
     os._exit(status)
