@@ -73,7 +73,11 @@ def test_only_the_most_recent_sets_are_kept(state_dir, whitelist_file, monkeypat
 def test_a_run_with_unchanged_whitelists_does_not_load_the_yaml_parser(
         base_env, whitelist_file, tmp_path):
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file(RULES)
-    probe = ("import sys, runpy; sys.argv = ['arv-wrap', '--', 'true']\n"
+    # The run leaves by os._exit once its end is recorded: made a SystemExit here,
+    # so the probe can look at what was imported.
+    probe = ("import os, sys, runpy; sys.argv = ['arv-wrap', '--', 'true']\n"
+             "def leave(code):\n    raise SystemExit(code)\n"
+             "os._exit = leave\n"
              "try:\n    runpy.run_module('arvwrap', run_name='__main__')\n"
              "except SystemExit as e:\n    code = e.code\n"
              "print('yaml' in sys.modules, code)")
