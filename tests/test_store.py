@@ -736,6 +736,34 @@ def test_the_checkpoint_thread_sleeps_while_nothing_is_written(tmp_path, monkeyp
     db.close()
 
 
+def test_the_wal_starts_over_under_a_steady_stream_of_commits(tmp_path, monkeypatch):
+    """A commit starts the -wal over only if all of it was copied back as the commit
+    began: the checkpointer alone never gets there while commits keep coming (the
+    -wal grew to 1.2 GB in 6 s), so the writer copies the rest between two commits.
+    The -wal header's checkpoint sequence number counts the restarts."""
+    monkeypatch.setattr(store, "RESTART_FRAMES", 256)
+    db = store.Store(str(tmp_path / "s"), checkpoint_aside=True)
+    wal = tmp_path / "s" / "jobs.sqlite-wal"
+
+    def restarts():
+        with open(wal, "rb") as f:
+            return int.from_bytes(f.read(16)[12:16], "big")
+
+    db.begin_batch()
+    db.insert(job("J0"))
+    db.end_batch()
+    first, n, deadline = restarts(), 1, time.monotonic() + 20
+    while restarts() == first:
+        assert time.monotonic() < deadline, \
+            f"the -wal never started over: {n} commits, {wal.stat().st_size >> 20} MiB"
+        db.begin_batch()
+        db.insert(job(f"J{n}", argv=["x" * 2000]))
+        db.end_batch()
+        n += 1
+    db.close()
+    assert len(store.Store(str(tmp_path / "s")).list()) == n
+
+
 def test_a_store_that_checkpoints_aside_still_gets_its_wal_copied_back(tmp_path):
     """No commit of it runs a checkpoint (so the dispatcher never waits for one), yet
     the -wal does not grow without end: its own thread copies it back."""
