@@ -769,6 +769,9 @@ def test_a_store_that_checkpoints_aside_still_gets_its_wal_copied_back(tmp_path)
     the -wal does not grow without end: its own thread copies it back."""
     db = store.Store(str(tmp_path / "s"), checkpoint_aside=True)
     assert db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    other = store.Store(str(tmp_path / "s"))     # a run's, a command's: only far past it
+    assert other._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == store.AUTOCHECKPOINT
+    other.close()
     database = tmp_path / "s" / "jobs.sqlite"
     before = database.stat().st_size
     for n in range(400):              # well over CHECKPOINT_AT of -wal

@@ -84,10 +84,11 @@ COLUMNS = {name: kind for columns, _ in VERSIONS for name, kind in columns.items
 
 BUSY_TIMEOUT = 30          # seconds SQLite itself waits for a lock (its busy handler)
 RETRY_DEADLINE = 30        # seconds we go on retrying what SQLite refuses at once
-WAL_SIZE_LIMIT = 4 << 20   # bytes the -wal file is truncated to when it is reset
+WAL_SIZE_LIMIT = 32 << 20  # bytes the -wal file is truncated to when it is reset
 CHECKPOINT_EVERY = 0.25    # s between looks at the -wal of a store that checkpoints aside
 CHECKPOINT_AT = 1 << 20    # bytes of -wal that it copies back into the database
 RESTART_FRAMES = 4096      # frames (16 MiB) of -wal after which the writer starts it over
+AUTOCHECKPOINT = 4 * RESTART_FRAMES   # frames of -wal after which any other commit checkpoints
 VACUUM_LIMIT = 256 << 20   # a legacy database larger than this is never VACUUMed whole
 VACUUM_CHUNK = 256         # pages freed per (short) write transaction by gc
 GC_BATCH = 200             # runs removed per write transaction by gc
@@ -264,8 +265,11 @@ class Store:
             self._inode = os.stat(self.path).st_ino
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            if self._checkpoint_aside:
-                db.execute("PRAGMA wal_autocheckpoint=0")
+            # Checkpoints are the dispatcher's (checkpoint_aside). Another process's
+            # commit runs one only past what a dispatcher lets the -wal reach, so a
+            # run's start and end do not wait for one (with its fsyncs) behind a
+            # dispatcher at work.
+            db.execute(f"PRAGMA wal_autocheckpoint={0 if self._checkpoint_aside else AUTOCHECKPOINT}")
             self.schema_version = _retry(lambda: self._prepare(db))
             self._private_files(before=False)
         except BaseException:
