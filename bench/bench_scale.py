@@ -14,14 +14,19 @@
    /bin/true, whitelisted with cpus 0.1 so that 16 fit a 2-CPU budget), wrapped
    (`python -m arvwrap -w RULES -- make ...`) and unwrapped; the same through
    `xargs -P16`. A wrapped run counts only if it made one job record per call.
+   The state dir's database and -wal sizes after all the wrapped runs are printed
+   (the -wal must stay bounded however many calls were recorded).
 
 Nothing is timed unless the shim loads and a warm-up call is recorded as a local
 job (bench: ... and exit 2). Medians and ratios only, with the issue's targets
 beside them; nothing is asserted. Every process the benchmark starts carries a
 tag in its environment, and whatever still carries it is killed on every way out.
 
+3. A stream that never pauses (--sustained JOBS): one wrapped make -j16 of JOBS tiny
+   jobs, the -wal's size sampled twice a second.
+
     python bench/bench_scale.py [--sizes 10,100,1000] [--sleep 2] [--make-jobs 1000]
-                                [--rounds 3]
+                                [--rounds 3] [--sustained 20000]
 """
 import argparse
 import os
@@ -31,6 +36,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -310,10 +316,7 @@ def tiny_jobs(tmp, bin_dir, rules, args):
     {command: [the dispatcher's CPU seconds in each good wrapped run]})."""
     env = base_env(tmp, bin_dir, "tiny")
     jobs = args.make_jobs
-    makefile = os.path.join(tmp, "Makefile")
-    targets = " ".join(f"t{i}" for i in range(jobs))
-    with open(makefile, "w") as f:   # no shell syntax: make spawns tiny itself
-        f.write(f".PHONY: all {targets}\nall: {targets}\n{targets}:\n\t@tiny\n")
+    makefile = tiny_makefile(os.path.join(tmp, "Makefile"), jobs)
     arguments = os.path.join(tmp, "xargs-input")
     with open(arguments, "w") as f:
         f.write("".join(f"{i}\n" for i in range(jobs)))
@@ -338,10 +341,27 @@ def tiny_jobs(tmp, bin_dir, rules, args):
                     times.setdefault((name, wrapped), []).append(seconds)
                     if wrapped:
                         cpu.setdefault(name, []).append(common.dispatcher_cpu(dispatchers) - used)
+        notes.append(state_dir_size(env["ARV_WRAP_STATE_DIR"],
+                                    jobs * sum(len(times.get((n, True), ())) for n in commands)))
     finally:
         common.stop_dispatcher(activated_env)
         kill_tagged()
     return commands, times, notes, cpu
+
+
+def tiny_makefile(path, jobs):
+    targets = " ".join(f"t{i}" for i in range(jobs))
+    with open(path, "w") as f:   # no shell syntax: make spawns tiny itself
+        f.write(f".PHONY: all {targets}\nall: {targets}\n{targets}:\n\t@tiny\n")
+    return path
+
+
+def state_dir_size(state, calls):
+    """A line: the database and its -wal after the runs (the -wal must not grow with
+    the number of calls)."""
+    mib = lambda name: os.path.getsize(os.path.join(state, name)) / (1 << 20)
+    return (f"  state dir after {calls} wrapped calls: jobs.sqlite {mib('jobs.sqlite'):.0f} MiB, "
+            f"its -wal {mib('jobs.sqlite-wal'):.0f} MiB")
 
 
 def tiny_run(argv, env, wrapped, jobs, tmp):
@@ -395,6 +415,43 @@ def report_tiny_jobs(commands, times, notes, cpu, jobs, rounds):
         print(note)
 
 
+# -- 3. a stream of calls that never pauses --
+
+def sustained(tmp, bin_dir, rules, jobs):
+    """One wrapped make -j16 of jobs tiny jobs: (seconds, problems, the largest -wal
+    seen in MiB, the state dir's sizes after). Between the short runs above the
+    dispatcher idles and its -wal starts over; here it must do so under load."""
+    env = base_env(tmp, bin_dir, "sustained")
+    makefile = tiny_makefile(os.path.join(tmp, "sustained.mk"), jobs)
+    wal = os.path.join(env["ARV_WRAP_STATE_DIR"], "jobs.sqlite-wal")
+    largest, done = [0], threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            largest[0] = max(largest[0], os.path.getsize(wal) / (1 << 20))
+    try:
+        common.require_setup(activated(env, rules), warmup=["tiny"], backend="local")
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        seconds, wrong = tiny_run([sys.executable, "-m", "arvwrap", "-w", rules, "--", "make",
+                                   "-s", "-j16", "-f", makefile], env, True, jobs, tmp)
+        done.set()
+        watcher.join()
+        return seconds, wrong, largest[0], state_dir_size(env["ARV_WRAP_STATE_DIR"], jobs)
+    finally:
+        done.set()
+        common.stop_dispatcher(activated(env, rules))
+        kill_tagged()
+
+
+def report_sustained(jobs, seconds, wrong, largest, sizes):
+    print(f"\none wrapped make -j16 of {jobs} tiny jobs: {jobs / seconds:.0f} jobs/s; "
+          f"the -wal at most {largest:.0f} MiB (it must not grow with the calls)")
+    print(sizes)
+    for line in wrong:
+        print(f"  ! {line}")
+
+
 def preflight(tmp, bin_dir, rules):
     env = activated(base_env(tmp, bin_dir, "preflight"), rules)
     try:
@@ -413,6 +470,8 @@ def main():
     parser.add_argument("--sleep", type=float, default=2)
     parser.add_argument("--make-jobs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sustained", type=int, default=0, metavar="JOBS",
+                        help="then one wrapped make of JOBS tiny jobs, watching the -wal")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     # 1000 clients hold a socket each, and the dispatcher inherits this limit from
@@ -442,6 +501,9 @@ def main():
             if args.make_jobs:
                 report_tiny_jobs(*tiny_jobs(tmp, bin_dir, rules["tiny"], args),
                                  args.make_jobs, args.rounds)
+            if args.sustained:
+                report_sustained(args.sustained,
+                                 *sustained(tmp, bin_dir, rules["tiny"], args.sustained))
             print("\ntarget: a warm redirected call adds <= 2 ms (bench/bench_latency.py)")
             print(f"load at end: {load()}")
     finally:
