@@ -16,14 +16,13 @@
    `xargs -P16`. A wrapped run counts only if it made one job record per call.
    The state dir's database and -wal sizes after all the wrapped runs are printed
    (the -wal must stay bounded however many calls were recorded).
+3. A stream that never pauses (--sustained JOBS): one wrapped make -j16 of JOBS tiny
+   jobs, the -wal's size sampled twice a second.
 
 Nothing is timed unless the shim loads and a warm-up call is recorded as a local
 job (bench: ... and exit 2). Medians and ratios only, with the issue's targets
 beside them; nothing is asserted. Every process the benchmark starts carries a
 tag in its environment, and whatever still carries it is killed on every way out.
-
-3. A stream that never pauses (--sustained JOBS): one wrapped make -j16 of JOBS tiny
-   jobs, the -wal's size sampled twice a second.
 
     python bench/bench_scale.py [--sizes 10,100,1000] [--sleep 2] [--make-jobs 1000]
                                 [--rounds 3] [--sustained 20000]
@@ -428,7 +427,10 @@ def sustained(tmp, bin_dir, rules, jobs):
 
     def watch():
         while not done.wait(0.5):
-            largest[0] = max(largest[0], os.path.getsize(wal) / (1 << 20))
+            try:
+                largest[0] = max(largest[0], os.path.getsize(wal) / (1 << 20))
+            except OSError:       # no -wal yet, or none left by the last connection
+                pass
     try:
         common.require_setup(activated(env, rules), warmup=["tiny"], backend="local")
         watcher = threading.Thread(target=watch, daemon=True)
@@ -445,11 +447,13 @@ def sustained(tmp, bin_dir, rules, jobs):
 
 
 def report_sustained(jobs, seconds, wrong, largest, sizes):
-    print(f"\none wrapped make -j16 of {jobs} tiny jobs: {jobs / seconds:.0f} jobs/s; "
-          f"the -wal at most {largest:.0f} MiB (it must not grow with the calls)")
+    print(f"\none wrapped make -j16 of {jobs} tiny jobs:", end=" ")
+    if wrong:                 # no figures for a run that did not do what it should
+        print("\n".join(["", *(f"  ! {line}" for line in wrong)]))
+        return
+    print(f"{jobs / seconds:.0f} jobs/s; the -wal at most {largest:.0f} MiB "
+          f"(it must not grow with the calls)")
     print(sizes)
-    for line in wrong:
-        print(f"  ! {line}")
 
 
 def preflight(tmp, bin_dir, rules):
