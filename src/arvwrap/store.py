@@ -353,7 +353,8 @@ class Store:
         """Copy the -wal back into the database once it has grown, on a connection of
         its own: a PASSIVE checkpoint takes no write lock, so writers go on. It wakes
         only after commits (an idle dispatcher stays asleep), at most once per
-        CHECKPOINT_EVERY."""
+        CHECKPOINT_EVERY. A -wal longer than RESTART_FRAMES it leaves to the writer
+        to start over (_start_wal_over)."""
         said = None
         while self._wrote.wait() and not self._closed.wait(CHECKPOINT_EVERY):
             self._wrote.clear()
