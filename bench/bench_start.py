@@ -76,7 +76,7 @@ def run_start(loop, tmp, runs):
         f.write("tools:\n  - name: tiny\n")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"),
            "ARV_WRAP_STATE_DIR": os.path.join(tmp, "state")}
-    env.update(common.source_path())   # a source checkout: the dispatcher imports it too
+    env.update(common.source_path())   # a source checkout: the run imports it too
     run = [sys.executable, "-m", "arvwrap", "-w", rules, "--", "true"]
     if subprocess.run(run, env=env).returncode != 0:   # and its whitelist is validated
         common.refuse("python -m arvwrap -- true failed")

@@ -238,9 +238,10 @@ class Store:
     """Thread-safe access to the records of one state dir."""
 
     def __init__(self, state_dir, checkpoint_aside=False):
-        """checkpoint_aside: no commit of this store ever runs a WAL checkpoint (one
-        SQLite would run in the commit that crosses 1000 pages, fsyncs included);
-        a thread of its own does them (the dispatcher's loop never waits for one)."""
+        """checkpoint_aside: SQLite's automatic checkpoint (run by the commit that
+        crosses its threshold, fsyncs included) is off; a thread of this store copies
+        the -wal back without the write lock, and the writer itself finishes a copy
+        between two commits only when the -wal has grown long (_start_wal_over)."""
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "jobs.sqlite")
         self._lock = threading.Lock()
@@ -434,7 +435,7 @@ class Store:
                     self._db.execute("COMMIT")
                 except sqlite3.Error as e:
                     _log().warning("a batch of %d record writes failed at commit (%s); "
-                                "writing them one by one", len(batch), e)
+                                   "writing them one by one", len(batch), e)
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     self._batch = batch
