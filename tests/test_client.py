@@ -55,7 +55,7 @@ class ScriptedDispatcher:
         self.listener.listen(8)
         self.listener.settimeout(20)
         self.script = script
-        self.request = self.error = None
+        self.request = self.error = self.state = None
         self.got_request = threading.Event()
         self.signals = []
         self.saw_eof = False
@@ -290,13 +290,26 @@ def test_client_sends_the_callers_nice_ignored_and_blocked_signals(client, env, 
 
     ignored, blocked = status_sigsets(preexec)
     assert ignored & 1 << (signal.SIGHUP - 1) and blocked & 1 << (rt - 1)
-    server = ScriptedDispatcher(env, reply("exit 0"))
+    server = ScriptedDispatcher(env, ask_state)
     proc = subprocess.run([client, "--shim", "0", "/bin/true", "true"], env=env,
                           preexec_fn=preexec, timeout=30)
     server.join()
     assert proc.returncode == 0
-    req = server.request
-    assert (req.nice, req.ignored_signals, req.blocked_signals) == (nice, ignored, blocked)
+    assert server.request.state_left_out     # a local job inherits it: sent only when asked
+    state = server.state
+    assert (state.nice, state.ignored_signals, state.blocked_signals) == (nice, ignored, blocked)
+    assert dict((r, (soft, hard)) for r, soft, hard in state.rlimits) == \
+        {r: resource.getrlimit(r) for r in range(resource.RLIMIT_RTTIME + 1)}
+
+
+def ask_state(conn, server):
+    """Ask for the caller's process state, as the dispatcher does for a remote job."""
+    conn.sendall(protocol.STATE_QUERY)
+    reader = protocol.ControlReader(conn)
+    while not reader.eof and server.state is None:
+        server.state = next((m for m in reader.read() if isinstance(m, protocol.ProcessState)),
+                            None)
+    protocol.send_exit(conn, 0)
 
 
 def test_client_with_scripted_dispatcher_sees_eof_when_client_is_killed(client, env):

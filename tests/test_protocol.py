@@ -33,17 +33,18 @@ def env(base_env):
 
 
 class Server:
-    """Accepts one connection at the client's socket path and reads its request."""
+    """Accepts one connection at the client's socket path and reads its request (and,
+    with ask_state, the caller's process state, as for a remote job)."""
 
-    def __init__(self, env, reply="exit 0", peek=False):
+    def __init__(self, env, reply="exit 0", peek=False, ask_state=False):
         self.path = paths.socket_path(env)
         paths.private_dir(os.path.dirname(self.path))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.path)
         self.listener.listen(8)
         self.listener.settimeout(20)
-        self.reply, self.peek = reply, peek
-        self.request = self.error = self.cred = None
+        self.reply, self.peek, self.ask_state = reply, peek, ask_state
+        self.request = self.error = self.cred = self.state = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -55,6 +56,11 @@ class Server:
                 if self.peek:       # as the dispatcher does before reading
                     assert conn.recv(4, socket.MSG_PEEK) == b"AWR1"
                 self.request = protocol.read_request(conn)
+                if self.ask_state:
+                    conn.sendall(protocol.STATE_QUERY)
+                    reader = protocol.ControlReader(conn)
+                    while self.state is None and not reader.eof:
+                        self.state = next(iter(reader.read()), None)
                 protocol.send_line(conn, self.reply)
         except Exception as e:      # reported by join()
             self.error = e
@@ -95,7 +101,7 @@ def test_request_from_real_client_carries_every_field(client, env, tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (300, nofile_hard))
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, fsize_hard))
 
-    server = Server(env, peek=True)
+    server = Server(env, peek=True, ask_state=True)
     with open(tmp_path / "in", "rb") as stdin, open(tmp_path / "out", "wb") as stdout, \
             open(tmp_path / "err", "wb") as stderr, named1, named2:
         proc = subprocess.Popen([client, "--shim", "7", "/bin/true", *argv], stdin=stdin,
@@ -112,8 +118,10 @@ def test_request_from_real_client_carries_every_field(client, env, tmp_path):
             assert req.umask == 0o027
             assert req.pid == proc.pid == server.cred[0]
             assert server.cred[1] == os.getuid()
-            limits = {r: (soft, hard) for r, soft, hard in req.rlimits}
-            assert len(req.rlimits) == len(limits) == 16
+            assert req.rlimits == [] and req.state_left_out
+            rlimits = server.state.rlimits
+            limits = {r: (soft, hard) for r, soft, hard in rlimits}
+            assert len(rlimits) == len(limits) == 16
             assert limits[resource.RLIMIT_NOFILE] == (300, nofile_hard)
             assert limits[resource.RLIMIT_FSIZE] == (1 << 30, fsize_hard)
             for r, (soft, hard) in limits.items():
@@ -213,6 +221,30 @@ def test_process_state_fields_parse():
             assert req.nice == -1
             assert req.ignored_signals == 1             # SIGHUP (1)
             assert req.blocked_signals == 1 << 63 | 1 << 9   # signals 64 and 10 (SIGUSR1)
+
+
+def test_a_state_line_parses_as_the_request_fields_do():
+    reader = protocol.ControlReader(None)
+    line = b"state L7 1024 inf\0L0 inf inf\0N-1\0G1\0B8000000000000200\0\n"
+    [state] = reader.feed(b"sig 2\n" + line)[1:]
+    assert state == protocol.ProcessState(
+        rlimits=[(7, 1024, resource.RLIM_INFINITY), (0, resource.RLIM_INFINITY,
+                                                     resource.RLIM_INFINITY)],
+        nice=-1, ignored_signals=1, blocked_signals=1 << 63 | 1 << 9)
+    assert reader.feed(b"state G0\0\n") == [protocol.ProcessState([], None, 0, None)]
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"G1", "does not end with a NUL"),
+    (b"G1\0G2\0", "G (ignored signals) given twice"),
+    (b"X1\0", "unknown state field tag b'X'"),
+    (b"\0", "unknown state field tag b''"),
+    (b"N-21\0", "not a nice value"),
+    (b"L7 x y\0", "bad rlimit field"),
+])
+def test_a_bad_state_line_is_said_to_be_bad(body, why):
+    [(kind, text)] = protocol.ControlReader(None).feed(b"state " + body + b"\n")
+    assert kind == "badstate" and why in text
 
 
 MALFORMED = {

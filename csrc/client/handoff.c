@@ -258,6 +258,21 @@ static _Noreturn void run_here(struct launch *l, struct reader *r)
     end_as(status);
 }
 
+/* "state": the caller's process state, which a remote backend rebuilds where the
+ * tool runs. Sent with the caught signals blocked, so that no "sig N" line lands
+ * inside it; a dispatcher that is gone shows as EOF on the next read. */
+static void send_state(void)
+{
+    struct buf b = {0};
+    build_state_line(&b, &callers_mask, &handled);
+    block_caught();
+    if (write_full(sock_fd, b.p, b.len) < 0) {
+        /* the next read says the dispatcher is gone */
+    }
+    sigprocmask(SIG_SETMASK, &callers_mask, NULL);
+    free(b.p);
+}
+
 /* ---------------------------------------------------------------- replies */
 
 static void handle_line(const char *line, struct reader *r, const char *resolved, char **targv)
@@ -268,6 +283,8 @@ static void handle_line(const char *line, struct reader *r, const char *resolved
         say(arg);
     } else if ((arg = reply_is(line, "job"))) {
         /* informational */
+    } else if (reply_is(line, "state") && r) {      /* only before the tool runs */
+        send_state();
     } else if ((arg = reply_is(line, "fds")) && r) {
         place_fds(arg, r);
     } else if (reply_is(line, "local") && r) {      /* never once the tool ran here */
@@ -336,8 +353,7 @@ _Noreturn void run_shim(const char *idx, const char *resolved, char **targv)
     struct fdlist fds;
     collect_fds(&fds, targv);                       /* before we open anything else */
     struct buf req = {0};
-    build_request(&req, idx, resolved, targv, &fds);  /* before start_forwarding changes
-                                                        the signal state it reports */
+    build_request(&req, idx, resolved, targv, &fds);
     char why[PATH_MAX + 128];
     sock_fd = connect_dispatcher(why, sizeof why);
     if (sock_fd < 0) {                              /* no dispatcher of ours: as without us */

@@ -104,23 +104,24 @@ static void put_rlimits(struct buf *b)
     }
 }
 
-/* The caller's nice and signal state, for a backend that must rebuild them where the
- * tool runs (a Slurm task inherits neither). Read before we install any handler or
- * block anything, so they are the caller's. */
-static void put_process_state(struct buf *b)
+/* The caller's nice and signal state (N, G, B), for a backend that must rebuild them
+ * where the tool runs (a Slurm task inherits neither). A signal the client has its
+ * own handler for was not ignored by the caller (an ignored one keeps SIG_IGN); the
+ * caller's mask is the one the client saved before blocking anything. */
+static void put_process_state(struct buf *b, const sigset_t *callers_mask,
+                              const sigset_t *handled)
 {
     errno = 0;                         /* -1 is a valid nice: only errno tells a failure */
     int nice = getpriority(PRIO_PROCESS, 0);
     if (nice != -1 || !errno)
         put_number(b, 'N', nice);
-    sigset_t blocked;
-    sigprocmask(SIG_BLOCK, NULL, &blocked);
     unsigned long long ignored = 0, mask = 0;
     for (int sig = 1; sig <= 64 && sig < NSIG; sig++) {     /* bit sig-1 for signal sig */
         struct sigaction old;
-        if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+        if (sigismember(handled, sig) != 1 && sigaction(sig, NULL, &old) == 0
+            && old.sa_handler == SIG_IGN)
             ignored |= 1ULL << (sig - 1);
-        if (sigismember(&blocked, sig) == 1)
+        if (sigismember(callers_mask, sig) == 1)
             mask |= 1ULL << (sig - 1);
     }
     char s[24];
@@ -128,6 +129,15 @@ static void put_process_state(struct buf *b)
     put_field(b, 'G', s);
     snprintf(s, sizeof s, "%llx", mask);
     put_field(b, 'B', s);
+}
+
+void build_state_line(struct buf *b, const sigset_t *callers_mask, const sigset_t *handled)
+{
+    b->len = 0;
+    buf_add(b, "state ", 6);
+    put_rlimits(b);
+    put_process_state(b, callers_mask, handled);
+    buf_add(b, "\n", 1);
 }
 
 void build_request(struct buf *b, const char *idx, const char *resolved, char **targv,
@@ -151,8 +161,6 @@ void build_request(struct buf *b, const char *idx, const char *resolved, char **
     mode_t mask = umask(0);
     umask(mask);
     put_number(b, 'U', mask);
-    put_rlimits(b);
-    put_process_state(b);
     for (int i = 0; i < l->n; i++) {
         if (l->caller[i] < 0)
             put_field(b, 'F', "cwd");

@@ -3,6 +3,7 @@
 #ifndef ARVWRAP_CLIENT_WIRE_H
 #define ARVWRAP_CLIENT_WIRE_H
 
+#include <signal.h>
 #include <stddef.h>
 #include "../common/common.h"
 
@@ -17,11 +18,14 @@ struct fdlist {
 /* The cwd handle, fds 0-2 and every fd argv names as /dev/fd/N or /proc/self/fd/N.
  * Call it before opening anything, so no descriptor of ours is taken for the caller's. */
 void collect_fds(struct fdlist *l, char **targv);
-/* Also reports the caller's nice, ignored signals and signal mask: call it before
- * changing any of them. */
+/* The call without the caller's process state (rlimits, nice, signals): the
+ * dispatcher asks for that with "state" when a remote backend needs it. */
 void build_request(struct buf *b, const char *idx, const char *resolved, char **targv,
                    const struct fdlist *l);
 void send_request(int fd, const struct buf *b, const struct fdlist *l);
+/* The answer to "state": "state " + the L, N, G and B fields + newline, given the
+ * caller's signal mask and the signals the client installed its handlers for. */
+void build_state_line(struct buf *b, const sigset_t *callers_mask, const sigset_t *handled);
 
 /* Replies: text lines, and a counted block of bytes after a "run" line; the
  * descriptors that came with them, in order (close-on-exec, numbered >= 10). */

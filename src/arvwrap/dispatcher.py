@@ -99,7 +99,7 @@ class Call:
         self.deadline = self.created + REQUEST_TIMEOUT
         self.job = None
         self.claim = None        # local: what it holds or waits for
-        self.state = "reading"   # reading, queued, starting, running, remote
+        self.state = "reading"   # reading, queued, starting, running, stating, remote
         self.pid = None          # local: the tool, as the client reported it
         self.pidfd = None
         self.admitted = None     # monotonic time the local scheduler let it start
@@ -111,6 +111,7 @@ class Call:
         self.capture = None      # job reuse: its streams and outputs, kept as it runs
         self.tool_status = None  # local: the wait status the client reported
         self.spooled = None      # job reuse: its stdin, read while it waits for the same work
+        self.state_asked = False  # remote: the client was asked for its caller's process state
 
 
 class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
@@ -437,10 +438,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         """Hand the job to its backend."""
         if call.job.backend == "local":
             self._submit_local(call)
-            return
-        self.capture_remote(call)
-        if self._record(call):      # started once recorded, unless that failed
-            self.when_recorded(lambda: call.conn is not None and self._start_remote(call))
+        else:
+            self._dispatch_remote(call)
 
     def _record(self, call, **fields):
         """Write the job's record (once, before it may start; later calls update it).

@@ -72,10 +72,12 @@ class LocalJobs:
             if call.state == "queued":
                 self._withdraw(call)
                 self._end(call, local.cancelled_while_queued(call.job, message))
-            elif call.state == "remote":
+            elif call.state in ("stating", "remote"):  # its backend takes it when it starts
                 call.job.signal(message)
         elif isinstance(message, protocol.Done):
             self._local_done(call, message)
+        elif isinstance(message, protocol.ProcessState) or message[0] == "badstate":
+            self._got_state(call, message)
         elif message[0] == "pid" and call.state == "starting":
             ended = any(isinstance(m, protocol.Done) for m in following)
             self._local_started(call, message[1], steered=not ended)
@@ -169,7 +171,7 @@ class LocalJobs:
     def _caller_gone(self, call):
         """The client closed or died (its tool dies with it: PR_SET_PDEATHSIG)."""
         job = call.job
-        if job is None or call.state in ("reading", "building"):
+        if job is None or call.state in ("reading", "building", "stating"):
             self._close(call)
             return
         reason = "the redirected call went away"

@@ -2,10 +2,12 @@
 
 A request is a 12-byte header (b"AWR1" + little-endian u64 payload length) sent with
 SCM_RIGHTS, then the payload: fields of one tag byte, bytes, NUL. After it the client
-sends lines (ControlReader): "sig N" for each forwarded signal, and for a job it runs
-itself ("run" reply) "pid N", then "done STATUS UTIME_US STIME_US MAXRSS_KB" or
-"nostart ERRNO". The dispatcher answers with text lines (warn, job, local, run,
-exit, signal, fail; final_reply builds the last one from an Outcome). `arv-wrap
+sends lines (ControlReader): "sig N" for each forwarded signal, "state" + fields
+when the dispatcher asks for the caller's process state (a remote backend needs it;
+a newer client leaves it out of the request), and for a job it runs itself ("run"
+reply) "pid N", then "done STATUS UTIME_US STIME_US MAXRSS_KB" or "nostart ERRNO".
+The dispatcher answers with text lines (warn, job, state, local, run, exit, signal,
+fail; final_reply builds the last one from an Outcome). `arv-wrap
 cancel` sends b"AWC1" + job id + newline instead and reads "ok" or "unknown".
 
 The parsing is split from the I/O (parse_header, parse_payload) so that any I/O model
@@ -38,6 +40,7 @@ _SIGSET = re.compile(rb"[0-9a-f]{1,16}")     # bit n-1 for signal n (1..64)
 _REQUIRED = {b"R": "rule index", b"P": "resolved path", b"C": "cwd", b"U": "umask",
              b"I": "client pid"}
 _OPTIONAL = {b"N": "nice", b"G": "ignored signals", b"B": "blocked signals"}   # newer clients
+STATE_QUERY = b"state\n"     # the dispatcher asks a client for its caller's process state
 
 
 class ProtocolError(Exception):
@@ -59,6 +62,12 @@ class Request:
     nice: Optional[int] = None              # None: an older client did not say
     ignored_signals: Optional[int] = None   # bitmask, bit n-1 for signal n
     blocked_signals: Optional[int] = None   # the signal mask, the same way
+
+    @property
+    def state_left_out(self) -> bool:
+        """A newer client sends the caller's process state (L, N, G, B) only when
+        asked ("state"); an older one sent it here."""
+        return not self.rlimits and self.ignored_signals is None
 
     def env_dict(self) -> Dict[bytes, bytes]:
         """The environment as a dict; like getenv, the first of duplicate names wins,
@@ -84,6 +93,16 @@ class Request:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclass
+class ProcessState:
+    """The caller's process state that a remote backend rebuilds where the tool runs,
+    as the client answers "state" (the same fields as an older client's request)."""
+    rlimits: List[Tuple[int, int, int]]
+    nice: Optional[int] = None
+    ignored_signals: Optional[int] = None
+    blocked_signals: Optional[int] = None
 
 
 def _close_all(fds):
@@ -170,19 +189,42 @@ def _parse_payload(payload, fds):
     missing = [name for tag, name in _REQUIRED.items() if tag not in single]
     if missing:
         raise ProtocolError("request lacks " + ", ".join(missing))
-    rlimits = list(_rlimits(tuple(limits)))
+    state = _state(limits, single)
     request = Request(rule=_decimal(b"R", single[b"R"], 2**31 - 1), path=single[b"P"],
                       argv=argv, env=env, cwd=single[b"C"],
-                      umask=_decimal(b"U", single[b"U"], 0o777), rlimits=rlimits,
-                      pid=_decimal(b"I", single[b"I"], 2**31 - 1))
-    if b"N" in single:
-        request.nice = _nice(single[b"N"])
-    if b"G" in single:
-        request.ignored_signals = _sigset(b"G", single[b"G"])
-    if b"B" in single:
-        request.blocked_signals = _sigset(b"B", single[b"B"])
+                      umask=_decimal(b"U", single[b"U"], 0o777), rlimits=state.rlimits,
+                      pid=_decimal(b"I", single[b"I"], 2**31 - 1), nice=state.nice,
+                      ignored_signals=state.ignored_signals,
+                      blocked_signals=state.blocked_signals)
     _assign_fds(request, labels, fds)
     return request
+
+
+def _state(limits, single):
+    """The ProcessState of L fields and the single fields N, G and B (those given)."""
+    return ProcessState(rlimits=list(_rlimits(tuple(limits))),
+                        nice=_nice(single[b"N"]) if b"N" in single else None,
+                        ignored_signals=_sigset(b"G", single[b"G"]) if b"G" in single else None,
+                        blocked_signals=_sigset(b"B", single[b"B"]) if b"B" in single else None)
+
+
+def parse_state(body: bytes) -> ProcessState:
+    """The ProcessState of a client's "state" line (after "state "): L, N, G and B
+    fields, each ending in NUL, as in a request. Raises ProtocolError."""
+    if not body.endswith(b"\0"):
+        raise ProtocolError("state does not end with a NUL")
+    limits, single = [], {}
+    for item in body[:-1].split(b"\0"):
+        tag, value = item[:1], item[1:]
+        if tag == b"L":
+            limits.append(value)
+        elif tag not in _OPTIONAL:
+            raise ProtocolError(f"unknown state field tag {tag!r}")
+        elif tag in single:
+            raise ProtocolError(f"state field {tag.decode()} ({_OPTIONAL[tag]}) given twice")
+        else:
+            single[tag] = value
+    return _state(limits, single)
 
 
 @functools.lru_cache(maxsize=64)
@@ -437,12 +479,13 @@ class ControlReader:
     """The client's lines after the request.
 
     read() does one recv and returns the messages it completed: an int N for
-    "sig N", ("pid", N), ("nostart", ERRNO), or a Done; on a non-blocking (or
+    "sig N", ("pid", N), ("nostart", ERRNO), a Done, a ProcessState for "state", or
+    ("badstate", why) for a state line that does not parse; on a non-blocking (or
     timed-out) socket with nothing to read it returns []. `eof` becomes True when
     the client has gone (closed, reset, killed). Unknown or malformed lines are
     ignored; so is an endless line.
     """
-    MAX_LINE = 256
+    MAX_LINE = 4096          # a state line: 16 rlimits of up to 46 bytes, and 3 short fields
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -480,6 +523,11 @@ class ControlReader:
 
 
 def _client_message(line):
+    if line.startswith(b"state "):
+        try:
+            return parse_state(line[6:])
+        except ProtocolError as e:
+            return "badstate", str(e)
     m = _CLIENT_LINE.fullmatch(line)
     if not m:
         return None

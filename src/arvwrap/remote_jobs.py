@@ -1,12 +1,17 @@
 """Jobs on the other backends: backend.run blocks, so each runs in a thread of its
 own; its outcome comes back to the loop (part of arvwrap.dispatcher.Dispatcher).
 The client's forwarded signals and its going away reach the job through the Job.
+
+A remote backend rebuilds the caller's process state where the tool runs (rlimits,
+nice, ignored signals, the signal mask). A local job inherits it, so the client
+leaves it out of the request and the dispatcher asks for it ("state") only here:
+the first call goes queued -> stating -> recorded and started.
 """
 import logging
 import threading
 import time
 
-from arvwrap import backends, store
+from arvwrap import backends, protocol, store
 from arvwrap.backends.base import must_run_locally
 from arvwrap.jobspec import Outcome
 
@@ -14,6 +19,32 @@ log = logging.getLogger("arvwrap.dispatcher")
 
 
 class RemoteJobs:
+    def _dispatch_remote(self, call):
+        """Record the job, then start it, once its caller's process state is known."""
+        job = call.job
+        if not call.state_asked and not job.rlimits and job.ignored_signals is None:
+            call.state, call.state_asked = "stating", True
+            if not self._send(call, protocol.STATE_QUERY):
+                self._caller_gone(call)
+            return
+        self.capture_remote(call)
+        if self._record(call):      # started once recorded, unless that failed
+            self.when_recorded(lambda: call.conn is not None and self._start_remote(call))
+
+    def _got_state(self, call, state):
+        """The client's answer to "state"."""
+        if call.state != "stating":
+            return
+        if not isinstance(state, protocol.ProcessState):    # ("badstate", why)
+            log.warning("a client sent a bad process state: %s", state[1])
+            self._finish(call, f"fail the client sent a bad process state: {state[1]}")
+            return
+        job = call.job
+        job.rlimits, job.nice = state.rlimits, state.nice
+        job.ignored_signals, job.blocked_signals = state.ignored_signals, state.blocked_signals
+        call.state = "building"
+        self._dispatch_remote(call)
+
     def _start_remote(self, call):
         call.state = "remote"
         threading.Thread(target=self._run_remote, args=(call,), daemon=True).start()

@@ -1,18 +1,24 @@
 """A backend installed by another package: found through its entry point, its
 whitelist block validated with file:line errors, its environment settings read,
-and a real call run through it (shim, client, dispatcher, the plug-in's run())."""
+and a real call run through it (shim, client, dispatcher, the plug-in's run()),
+with the caller's process state that a remote backend must rebuild."""
+import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 
 import pytest
 
+from arvwrap import paths
 from conftest import IMPORTED_FROM, arv_wrap, job_records, write_tool
 
 PLUGIN = '''
 """A tiny third-party backend: the tool runs as a child of the dispatcher."""
 import dataclasses
 import os
+import resource
 import subprocess
 from typing import Optional
 
@@ -52,7 +58,9 @@ class Backend(base.Backend):
 
     def run(self, job, started):
         options = self.options(job)
-        env = dict(job.env, SPAWN_MARKER=self.settings.marker.encode(),
+        nofile = [soft for res, soft, _ in job.rlimits if res == resource.RLIMIT_NOFILE]
+        state = f"{job.nice} {job.ignored_signals:x} {job.blocked_signals:x} {nofile}"
+        env = dict(job.env, SPAWN_MARKER=self.settings.marker.encode(), SPAWN_STATE=state.encode(),
                    SPAWN_LABEL=(options.label or "-").encode(),
                    SPAWN_TAGS=",".join(options.tags).encode())
         proc = subprocess.Popen([job.path, *job.argv[1:]], executable=job.path, cwd=job.cwd,
@@ -104,6 +112,67 @@ def test_a_call_runs_through_a_backend_installed_by_an_entry_point(env, whitelis
     [record] = job_records(env)
     assert (record["backend"], record["state"], record["exit_status"]) == ("spawn", "exited", 3)
     assert record["backend_id"].isdigit()
+
+
+# nohup's SIGHUP, a lower nice and a smaller descriptor limit: a remote backend must
+# rebuild them (the client sends them when the dispatcher asks, "state")
+CALLER = 'trap "" HUP; ulimit -n 100; exec nice -n 3 "$@"'
+PROBE = ('echo "$(nice) $(grep SigIgn /proc/self/status | cut -f2) '
+         '$(grep SigBlk /proc/self/status | cut -f2) $(ulimit -n)"\n')
+
+
+def test_the_backend_gets_the_callers_process_state_as_a_direct_run_has_it(
+        env, tools, whitelist_file):
+    write_tool(tools, "probe", PROBE)
+    write_tool(tools, "step", 'echo "$SPAWN_STATE"\n')
+    nice, ignored, blocked, nofile = subprocess.run(
+        ["sh", "-c", CALLER, "sh", "probe"], env=env, stdout=subprocess.PIPE,
+        check=True).stdout.split()
+    assert int(ignored, 16) & 1 << 0 and int(nice) == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    result = arv_wrap("-w", whitelist_file(RULES), "--", "sh", "-c", CALLER, "sh", "step",
+                      env=env, stdout=subprocess.PIPE, check=True)
+    expected = f"{int(nice)} {int(ignored, 16):x} {int(blocked, 16):x} [{int(nofile)}]\n"
+    assert result.stdout.decode() == expected
+    [record] = job_records(env)
+    assert (record["backend"], record["state"]) == ("spawn", "exited")
+
+
+def asked_for_state(env, tool):
+    """A hand-made client's connection for tool, once the dispatcher asked it "state"."""
+    fields = [b"R0", b"P" + os.fsencode(tool), b"Astep",
+              *(b"E%s=%s" % (os.fsencode(k), os.fsencode(v)) for k, v in env.items()),
+              b"C/", b"U18", b"I%d" % os.getpid()]
+    payload = b"".join(f + b"\0" for f in fields)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(paths.socket_path(env))
+    sock.sendall(b"AWR1" + struct.pack("<Q", len(payload)) + payload)
+    got = b""
+    while not got.endswith(b"state\n"):
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return sock
+
+
+def test_a_bad_state_answer_fails_the_call_and_one_never_given_leaves_no_record(
+        env, tools, whitelist_file):
+    step = write_tool(tools, "step", "exit 0\n")
+    rules = whitelist_file(RULES)
+    assert arv_wrap("-w", rules, "--", "step", env=env).returncode == 0   # a dispatcher up
+    job_env = json.loads(arv_wrap("-w", rules, "--", sys.executable, "-c",
+                                  "import os, json; print(json.dumps(dict(os.environ)))",
+                                  env=env, stdout=subprocess.PIPE, check=True).stdout)
+    with asked_for_state(job_env, step) as sock:
+        sock.sendall(b"state G1\0G2\0\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer == b"fail the client sent a bad process state: " \
+                     b"state field G (ignored signals) given twice\n"
+    asked_for_state(job_env, step).close()          # the caller goes before it answers
+    assert arv_wrap("-w", rules, "--", "step", env=env).returncode == 0   # it serves on
+    assert [r["backend"] for r in job_records(env)] == ["spawn", "spawn"]
 
 
 def test_its_block_is_validated_with_file_and_line(env, whitelist_file):
