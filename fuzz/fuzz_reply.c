@@ -65,7 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (block) {
                     if (block[n] != '\0')
                         abort();
-                    free(block);
+                    release_block(block);
                 }
             }
         }

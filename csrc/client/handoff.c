@@ -127,13 +127,15 @@ static void send_text(const char *fmt, long long a, long long b, long long c, lo
     }
 }
 
-/* NUL-separated NAME=value entries -> an envp (pointing into block). */
+/* NUL-separated NAME=value entries -> an envp (pointing into block). Called once. */
 static char **split_env(char *block, size_t len)
 {
+    static char *space[1024];
     size_t n = 0;
     for (size_t i = 0; i < len; i++)
         n += block[i] == 0;
-    char **envp = calloc(n + 1, sizeof *envp), **e = envp;
+    char **envp = n < sizeof space / sizeof *space ? space : calloc(n + 1, sizeof *envp);
+    char **e = envp;
     if (!envp)
         fail("out of memory");
     for (char *p = block; p < block + len; p += strlen(p) + 1)
@@ -270,7 +272,7 @@ static void send_state(void)
         /* the next read says the dispatcher is gone */
     }
     sigprocmask(SIG_SETMASK, &callers_mask, NULL);
-    free(b.p);
+    buf_release(&b);
 }
 
 /* ---------------------------------------------------------------- replies */
@@ -352,7 +354,8 @@ _Noreturn void run_shim(const char *idx, const char *resolved, char **targv)
         _exit(probe(probe_file, idx, resolved, targv));
     struct fdlist fds;
     collect_fds(&fds, targv);                       /* before we open anything else */
-    struct buf req = {0};
+    static char request_space[1 << 16];             /* no malloc (and its mmaps) for the */
+    struct buf req = {request_space, 0, sizeof request_space, 1};   /* usual request */
     build_request(&req, idx, resolved, targv, &fds);
     char why[PATH_MAX + 128];
     sock_fd = connect_dispatcher(why, sizeof why);
@@ -365,7 +368,7 @@ _Noreturn void run_shim(const char *idx, const char *resolved, char **targv)
     for (int i = 0; i < fds.n; i++)                 /* the cwd handle is ours */
         if (fds.caller[i] < 0)
             close(fds.fd[i]);
-    free(req.p);
+    buf_release(&req);
     sigprocmask(SIG_SETMASK, &callers_mask, NULL);  /* pending signals get forwarded now */
     static struct reader r;
     r.fd = sock_fd;

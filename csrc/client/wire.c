@@ -275,15 +275,23 @@ char *read_line(struct reader *r)
     }
 }
 
+static char block_space[1 << 16];     /* the usual block: no malloc (and its mmaps) */
+
+void release_block(char *block)
+{
+    if (block != block_space)
+        free(block);
+}
+
 char *read_block(struct reader *r, size_t n)
 {
-    char *out = malloc(n + 1);
+    char *out = n < sizeof block_space ? block_space : malloc(n + 1);
     if (!out)
         fail("out of memory");
     size_t got = 0;
     while (got < n) {
         if (r->start == r->len && !fill(r)) {
-            free(out);
+            release_block(out);
             return NULL;
         }
         size_t take = r->len - r->start < n - got ? r->len - r->start : n - got;

@@ -37,7 +37,9 @@ struct reader {
     char buf[65536];
 };
 char *read_line(struct reader *r);           /* NUL-terminated, no newline; NULL at EOF */
-char *read_block(struct reader *r, size_t n); /* malloc'd n bytes + NUL; NULL at EOF */
+/* n bytes + NUL, good until the next read_block (the client reads one); NULL at EOF */
+char *read_block(struct reader *r, size_t n);
+void release_block(char *block);             /* frees one too large for the static space */
 
 /* "word" or "word ...": the text after the space (or ""); NULL if line is another word. */
 const char *reply_is(const char *line, const char *word);

@@ -35,11 +35,21 @@ void buf_reserve(struct buf *b, size_t more)
     if (b->len + more <= b->cap)
         return;
     size_t cap = 2 * b->cap + more;
-    char *p = realloc(b->p, cap);
+    char *p = b->fixed ? malloc(cap) : realloc(b->p, cap);
     if (!p)
         fail("out of memory");
+    if (b->fixed)
+        memcpy(p, b->p, b->len);
     b->p = p;
     b->cap = cap;
+    b->fixed = 0;
+}
+
+void buf_release(struct buf *b)
+{
+    if (!b->fixed)
+        free(b->p);
+    *b = (struct buf){0};
 }
 
 void buf_add(struct buf *b, const void *data, size_t len)

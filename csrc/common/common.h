@@ -22,8 +22,10 @@ int exec_status(int err);           /* what a shell exits with for an exec faili
 struct buf {
     char *p;
     size_t len, cap;
+    int fixed;                      /* p is the caller's storage: never realloc'd or freed */
 };
 void buf_reserve(struct buf *b, size_t more);
+void buf_release(struct buf *b);
 void buf_add(struct buf *b, const void *data, size_t len);
 void put_str(struct buf *b, const char *s);      /* s and its NUL */
 
