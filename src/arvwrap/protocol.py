@@ -31,7 +31,6 @@ MAX_FDS = 253                   # SCM_MAX_FD
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)   # each descriptor a C int
 # Plain ints: socket's MsgFlag members cost an enum operation at each use.
 _CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
-_DECIMAL = re.compile(rb"[0-9]{1,19}")
 _RLIMIT = re.compile(rb"([0-9]{1,4}) ([0-9]{1,20}|inf) ([0-9]{1,20}|inf)")
 _CLIENT_LINE = re.compile(rb"(sig|pid|nostart) ([0-9]{1,10})|done (-?[0-9]{1,10}) ([0-9]{1,19}) "
                           rb"([0-9]{1,19}) ([0-9]{1,19})")
@@ -128,7 +127,7 @@ def parse_header(header: bytes) -> int:
 
 
 def _decimal(tag, value, limit=None):
-    if not _DECIMAL.fullmatch(value):
+    if not (value.isdigit() and len(value) <= 19):    # bytes: ASCII digits only
         raise ProtocolError(f"field {tag.decode()} is not a decimal number: {value[:40]!r}")
     number = int(value)
     if limit is not None and number > limit:
@@ -164,28 +163,30 @@ def parse_payload(payload: bytes, fds: List[int]) -> Request:
         raise
 
 
-# Fields are NUL-terminated and hold no NUL, so "\0" + a tag starts a field anywhere
-# in "\0" + the payload: each kind is found by one regex scan, in C.
-_REPEATED = {tag: re.compile(rb"\0" + tag + rb"([^\0]*)") for tag in (b"A", b"E", b"L", b"F")}
-_SINGLE = re.compile(rb"\0([^AELF\0][^\0]*)")
+# The repeated fields, by their tag's byte: argv, environ, rlimits, descriptor labels.
+_REPEATED = {ord(tag): i for i, tag in enumerate("AELF")}
 
 
 def _parse_payload(payload, fds):
+    """Fields are NUL-terminated and hold no NUL: one split finds them all."""
     if not payload.endswith(b"\0"):
         raise ProtocolError("payload does not end with a NUL")
-    body = b"\0" + payload[:-1]
-    if b"\0\0" in body or body.endswith(b"\0"):
-        raise ProtocolError("empty field (no tag)")
-    argv, env, limits, labels = (_REPEATED[tag].findall(body) for tag in (b"A", b"E", b"L", b"F"))
+    repeated = argv, env, limits, labels = [], [], [], []
     single = {}
-    for item in _SINGLE.findall(body):
-        tag, value = item[:1], item[1:]
+    for item in payload[:-1].split(b"\0"):
+        if not item:
+            raise ProtocolError("empty field (no tag)")
+        which = _REPEATED.get(item[0])
+        if which is not None:
+            repeated[which].append(item[1:])
+            continue
+        tag = item[:1]
         if tag not in _REQUIRED and tag not in _OPTIONAL:
             raise ProtocolError(f"unknown field tag {tag!r}")
         if tag in single:
             what = _REQUIRED.get(tag) or _OPTIONAL[tag]
             raise ProtocolError(f"field {tag.decode()} ({what}) given twice")
-        single[tag] = value
+        single[tag] = item[1:]
     missing = [name for tag, name in _REQUIRED.items() if tag not in single]
     if missing:
         raise ProtocolError("request lacks " + ", ".join(missing))
