@@ -133,7 +133,7 @@ def test_request_from_real_client_carries_every_field(client, env, tmp_path):
             assert same_file(req.fds[2], stderr.fileno())
             assert same_file(req.fds[n1], n1)
             assert same_file(req.fds[n2], n2)
-            assert same_file(req.cwd_fd, str(work))
+            assert req.cwd_fd is None        # an older client's cwd handle: nothing used it
             for fd in req.received_fds():
                 assert os.get_inheritable(fd) is False      # MSG_CMSG_CLOEXEC
             # the descriptors work: what we write through fd 1 lands in the caller's file
@@ -158,7 +158,6 @@ def test_request_skips_closed_and_unnamed_fds(client, env, tmp_path):
         assert proc.returncode == 0
         with server.join() as req:
             assert sorted(req.fds) == [1, 2]
-            assert req.cwd_fd is not None
     finally:
         os.close(spare)
 

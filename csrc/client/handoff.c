@@ -365,9 +365,6 @@ _Noreturn void run_shim(const char *idx, const char *resolved, char **targv)
     }
     start_forwarding();
     send_request(sock_fd, &req, &fds);
-    for (int i = 0; i < fds.n; i++)                 /* the cwd handle is ours */
-        if (fds.caller[i] < 0)
-            close(fds.fd[i]);
     buf_release(&req);
     sigprocmask(SIG_SETMASK, &callers_mask, NULL);  /* pending signals get forwarded now */
     static struct reader r;

@@ -28,12 +28,11 @@ static void add_caller_fd(struct fdlist *l, long fd)
     if (fd > INT_MAX || l->n >= MAX_FDS)
         return;
     for (int i = 0; i < l->n; i++)
-        if (l->caller[i] == fd)
+        if (l->fd[i] == fd)
             return;
     if (!is_open((int)fd))
         return;
-    l->caller[l->n] = l->fd[l->n] = (int)fd;
-    l->n++;
+    l->fd[l->n++] = (int)fd;
 }
 
 /* Every N in "<prefix>N" anywhere in arg. */
@@ -53,23 +52,15 @@ static void scan_arg(struct fdlist *l, const char *arg, const char *prefix)
 
 void collect_fds(struct fdlist *l, char **targv)
 {
-    l->n = 1;                         /* slot 0: the cwd handle, opened afterwards */
-    l->caller[0] = -1;
+    l->n = 0;
     for (int fd = 0; fd < 3; fd++)
         add_caller_fd(l, fd);
-    stderr_open = l->caller[l->n - 1] == 2;
+    stderr_open = l->n && l->fd[l->n - 1] == 2;
     for (char **a = targv; *a; a++) {
         if (!strchr(*a, '/'))
             continue;
         scan_arg(l, *a, "/dev/fd/");
         scan_arg(l, *a, "/proc/self/fd/");
-    }
-    do l->fd[0] = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-    while (l->fd[0] < 0 && errno == EINTR);
-    if (l->fd[0] < 0) {               /* no handle: drop the slot */
-        l->n--;
-        memmove(l->caller, l->caller + 1, l->n * sizeof(int));
-        memmove(l->fd, l->fd + 1, l->n * sizeof(int));
     }
 }
 
@@ -161,12 +152,8 @@ void build_request(struct buf *b, const char *idx, const char *resolved, char **
     mode_t mask = umask(0);
     umask(mask);
     put_number(b, 'U', mask);
-    for (int i = 0; i < l->n; i++) {
-        if (l->caller[i] < 0)
-            put_field(b, 'F', "cwd");
-        else
-            put_number(b, 'F', l->caller[i]);
-    }
+    for (int i = 0; i < l->n; i++)
+        put_number(b, 'F', l->fd[i]);
     put_number(b, 'I', getpid());
     uint64_t len = b->len - HEADER_LEN;
     memcpy(b->p, "AWR1", 4);

@@ -9,14 +9,13 @@
 
 #define MAX_FDS 253                 /* SCM_MAX_FD: the kernel's limit per message */
 
-struct fdlist {
+struct fdlist {                     /* the caller's descriptors that go with the call */
     int n;
-    int caller[MAX_FDS];             /* caller's fd number; -1 for the cwd handle */
-    int fd[MAX_FDS];                 /* what goes into SCM_RIGHTS */
+    int fd[MAX_FDS];
 };
 
-/* The cwd handle, fds 0-2 and every fd argv names as /dev/fd/N or /proc/self/fd/N.
- * Call it before opening anything, so no descriptor of ours is taken for the caller's. */
+/* Fds 0-2 and every fd argv names as /dev/fd/N or /proc/self/fd/N. Call it before
+ * opening anything, so no descriptor of ours is taken for the caller's. */
 void collect_fds(struct fdlist *l, char **targv);
 /* The call without the caller's process state (rlimits, nice, signals): the
  * dispatcher asks for that with "state" when a remote backend needs it. */

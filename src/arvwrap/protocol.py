@@ -56,7 +56,7 @@ class Request:
     umask: int
     rlimits: List[Tuple[int, int, int]]     # (resource, soft, hard); RLIM_INFINITY for inf
     fds: Dict[int, int] = field(default_factory=dict)   # caller's fd number -> our fd
-    cwd_fd: Optional[int] = None            # O_PATH|O_DIRECTORY handle of the cwd
+    cwd_fd: Optional[int] = None            # an older client's cwd handle (unused)
     pid: int = 0
     nice: Optional[int] = None              # None: an older client did not say
     ignored_signals: Optional[int] = None   # bitmask, bit n-1 for signal n
