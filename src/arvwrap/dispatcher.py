@@ -10,8 +10,8 @@ and records how it ended when the client reports it. A job on another backend
 runs in a thread of its own (backend.run blocks), and the client's forwarded
 signals and its going away reach it through the Job.
 
-One thread serves every connection: an epoll loop (selectors) over the listener
-and the connections, with timers for time limits, kill grace and pipe rechecks.
+One thread serves every connection: an epoll loop over the listener and the
+connections, with timers for time limits, kill grace and pipe rechecks.
 No local job is ever a child of the dispatcher, so nothing a job does can stop it.
 
 It is started on first use by the client and leaves when idle. SIGTERM, SIGINT or
@@ -19,13 +19,14 @@ SIGHUP stop it cleanly: no new calls, every job cancelled (so no Slurm job outli
 it) and its caller answered, the socket removed.
 """
 import argparse
+import functools
 import heapq
 import itertools
 import logging
 import os
 import queue
 import resource
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -88,6 +89,29 @@ class RuleCache:
         return loaded[1]
 
 
+class Poller:
+    """The loop's epoll: one callback per descriptor, called when it is readable.
+    (selectors builds a key object per registration and looks each event up.)"""
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._callbacks = {}
+
+    def register(self, fd, callback):
+        self._epoll.register(fd, select.EPOLLIN)
+        self._callbacks[fd] = callback
+
+    def unregister(self, fd):
+        del self._callbacks[fd]
+        self._epoll.unregister(fd)
+
+    def ready(self, timeout):
+        """The callbacks of the descriptors readable within timeout seconds, taken
+        now: one that an earlier callback unregisters still runs, as with selectors."""
+        return [self._callbacks[fd] for fd, _ in self._epoll.poll(timeout)
+                if fd in self._callbacks]
+
+
 class Call:
     """One connection, from its request to its final reply."""
 
@@ -132,7 +156,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         self.stopping = None       # then the reason its jobs are cancelled
         self.leaving = False       # idle: the socket is gone, serving what remains
         self.last_activity = time.monotonic()
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self.timers = []           # heap of (when, seq, callback)
         self._seq = itertools.count()
         self.posted = queue.SimpleQueue()   # callbacks from backend threads
@@ -152,8 +176,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
         self.listener = listener
         listener.setblocking(False)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(listener, selectors.EVENT_READ, self._accept)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, self._drain_wake)
+        self.poller.register(listener.fileno(), lambda: self._accept(listener))
+        self.poller.register(self.wake_r, lambda: self._drain_wake(self.wake_r))
         self.after(TICK, self._tick)
         while True:
             if self.stop_signal is not None and self.stopping is None:
@@ -161,11 +185,11 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             if self._finished():
                 break
             timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else TICK
-            events = self.selector.select(timeout)
+            ready = self.poller.ready(timeout)
             self.rules.new_round()
             self.store.begin_batch()
             try:
-                self._serve_events(events)
+                self._serve_events(ready)
                 self._run_timers()
                 while not self.posted.empty():
                     self.posted.get()()
@@ -173,16 +197,16 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                 self._end_round()
         listener.close()
 
-    def _serve_events(self, events):
+    def _serve_events(self, ready):
         """Serve the ready connections, then those that became ready meanwhile (a few
         times over): their records share the round's one commit."""
         for _ in range(ROUND_PASSES):
-            for key, _ in events:
-                key.data(key.fileobj)
+            for callback in ready:
+                callback()
             if not self.store.pending:     # no commit to share
                 return
-            events = self.selector.select(0)
-            if not events:
+            ready = self.poller.ready(0)
+            if not ready:
                 return
 
     def _end_round(self):
@@ -301,10 +325,12 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             call = Call(conn)
             self.calls.add(call)
             self.last_activity = time.monotonic()
-            self.selector.register(conn, selectors.EVENT_READ, lambda _c, call=call: self._readable(call))
+            self.poller.register(conn.fileno(), functools.partial(self._readable, call))
             self._readable(call)      # the request is often there already: no wake for it
 
     def _readable(self, call):
+        if call.conn is None:       # closed by an earlier callback of the same round
+            return
         if call.state == "reading":
             try:
                 message = call.incoming.feed()
@@ -382,7 +408,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
 
     def _close(self, call):
         if call.conn is not None:
-            self.selector.unregister(call.conn)
+            self.poller.unregister(call.conn.fileno())
             if self.store.pending:      # after the replies that wait for the commit
                 self.after_commit.append(call.conn.close)
             else:

@@ -177,7 +177,7 @@ class LocalJobs:
         reason = "the redirected call went away"
         if call.state == "remote":
             job.cancel(reason)
-            self.selector.unregister(call.conn)   # its thread answers; nobody will read
+            self.poller.unregister(call.conn.fileno())   # its thread answers; nobody reads
             call.conn.close()
             call.conn = None
             return
