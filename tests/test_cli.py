@@ -169,6 +169,9 @@ def test_doctor_checks_the_chain(env):
     assert result.returncode == 0, result.stdout
     assert b"intercepts" in result.stdout
     assert b"a redirected `true` ran as job" in result.stdout
+    [run] = [r for r in jobs(env) if r["kind"] == "run"]      # its probe's run has ended
+    assert (run["argv"], run["state"], run["exit_status"]) == (["arv-wrap", "doctor"],
+                                                               "exited", 0)
 
 
 def test_doctor_says_which_link_is_broken(base_env):

@@ -1,12 +1,13 @@
 """`arv-wrap doctor`: check each link of the chain and say which one is broken."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-from arvwrap import elf, paths, whitelist
+from arvwrap import elf, paths, runs, whitelist
 
 PROBE_RULES = "1;n:true"
 
@@ -157,7 +158,8 @@ def check_round_trip(options):
         with open(rules_file, "w") as f:
             f.write(f"tools:\n  - name: {tool}\n    cpus: 0.01\n    time: 5m{image}\n")
         env = dict(os.environ)
-        _, run_id = activation.new_run(["arv-wrap", "doctor"], options, env)
+        db, run_id = activation.new_run(["arv-wrap", "doctor"], options, env,
+                                        **runs.shell_fields(os.getpid()))
         env.update(activation.activation_env([rules_file], whitelist.load([rules_file]),
                                       {"backend": name}, run_id, env))
         start = time.monotonic()
@@ -165,8 +167,10 @@ def check_round_trip(options):
             done = subprocess.run([paths.HELPER, "--exec", *argv], env=env, timeout=120,
                                   stderr=subprocess.PIPE)
         except subprocess.TimeoutExpired:
+            activation.end_run(db, run_id, -signal.SIGKILL)     # run() killed it
             return False, f"a redirected `true` did not finish within 120 s on {name}"
         took = (time.monotonic() - start) * 1000
+        activation.end_run(db, run_id, done.returncode)
     jobs = [r for r in store.Store(paths.state_dir()).list(run=run_id) if r["kind"] == "job"]
     if done.returncode != 0 or not jobs:
         why = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"

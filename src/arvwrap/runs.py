@@ -1,10 +1,12 @@
-"""The end of a run that has no arv-wrap process waiting for it.
+"""The end of a run whose process is gone without recording it.
 
 `arv-wrap env` prints its variables and leaves: the run it opens belongs to the
-shell that evals them, and the programs that shell starts. Its record names that
-shell (pid and start time, so a recycled pid is not taken for it), and the run is
-ended once the shell has gone and none of the run's jobs is queued or running. The
-dispatcher checks now and then, and so do the commands that show records.
+shell that evals them, and the programs that shell starts. `arv-wrap COMMAND` (and
+`doctor`) record their run's end themselves, unless they are killed first (SIGKILL,
+the OOM killer). Either record names the process it waits for (pid and start time,
+so a recycled pid is not taken for it): the run is ended once that process has gone
+and none of the run's jobs is queued or running. The dispatcher checks now and
+then, and so do the commands that show records.
 """
 import socket
 
@@ -21,6 +23,7 @@ def start_time(pid):
 
 
 def shell_fields(pid):
+    """The record fields naming the process a run's end waits for."""
     return {"shell_pid": pid, "shell_start": start_time(pid)}
 
 
@@ -33,9 +36,14 @@ def close_ended(db):
             continue
         busy = db.query("WHERE run = ? AND kind = 'job' AND state IN ('queued', 'running')",
                         [run["id"]])
-        if not busy:
+        if busy:
+            continue
+        if run["argv"][1:2] == ["env"]:
             db.update(run["id"], state="exited", ended=last_end(db, run), reason=(
                 "its shell ended (a shell's exit status is not known to arv-wrap)"))
+        else:
+            db.update(run["id"], state="failed", ended=last_end(db, run), reason=(
+                "arv-wrap ended before it recorded the run's end (killed?)"))
 
 
 def last_end(db, run):

@@ -72,8 +72,9 @@ VERSIONS = (
     # 2: issue 9 (the tree, gc) and the contract's `reused_from` (issue 7)
     ({
         "reused_from": "TEXT",      # id of the job whose result was reused, or null
-        "shell_pid": "INTEGER",     # an `arv-wrap env` run: the shell that evals it,
-        "shell_start": "INTEGER",   # and its start time (clock ticks after boot)
+        "shell_pid": "INTEGER",     # a run: the process its end waits for (the shell
+        "shell_start": "INTEGER",   # of `arv-wrap env`, else arv-wrap), and its start
+                                    # time (clock ticks after boot)
     }, (
         "CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent)",
         "CREATE INDEX IF NOT EXISTS jobs_kind_state ON jobs(kind, state)",

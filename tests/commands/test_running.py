@@ -81,6 +81,37 @@ def test_an_env_run_ends_when_its_shell_is_gone(tools, base_env, whitelist_file)
     assert run["state"] == "exited" and run["ended"] and "shell ended" in run["reason"]
 
 
+def test_the_run_of_a_killed_arv_wrap_is_ended_once_its_jobs_are(tools, base_env,
+                                                                   whitelist_file, tmp_path):
+    """SIGKILL leaves arv-wrap no moment to record its run's end: the next look at the
+    records does it, once the run's last job has ended, and says so."""
+    go = tmp_path / "go"
+    write_tool(tools, "step", f'while [ ! -e "{go}" ]; do sleep 0.05; done\n')
+    rules = whitelist_file("tools:\n  - name: step\n")
+    wrapped = subprocess.Popen([sys.executable, "-m", "arvwrap", "-w", rules, "--", "step"],
+                               env=base_env)
+
+    def records(kind):
+        return [r for r in jobs(base_env) if r["kind"] == kind]
+    deadline = time.monotonic() + 20
+    while not [r for r in records("job") if r["state"] == "running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wrapped.kill()
+    wrapped.wait()
+    [run] = records("run")
+    assert run["state"] == "running"           # its job still runs (the client is alive)
+    go.touch()
+    deadline = time.monotonic() + 20
+    while records("job")[0]["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [run] = records("run")
+    assert (run["state"], run["reason"]) == (
+        "failed", "arv-wrap ended before it recorded the run's end (killed?)")
+    assert run["ended"] == records("job")[0]["ended"]
+
+
 def test_an_env_run_stays_running_while_its_shell_lives(tools, base_env, whitelist_file):
     base_env["ARV_WRAP_WHITELIST"] = whitelist_file("tools:\n  - name: step\n")
     shell = subprocess.Popen(["bash", "-c", 'eval "$(python3 -m arvwrap env)"; read x'],

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from arvwrap import paths
+from arvwrap import paths, runs
 from arvwrap.activation import activation_env, end_run, new_run, rules_for_run
 from arvwrap.errors import UsageError
 
@@ -16,7 +16,8 @@ def run(options, command):
     """Run COMMAND with interception; exit with its status (or die of its signal)."""
     env = dict(os.environ)
     files, rules = rules_for_run(options, env)
-    db, run_id = new_run(command, options, env, redact_globs=rules.redact)
+    db, run_id = new_run(command, options, env, redact_globs=rules.redact,
+                         **runs.shell_fields(os.getpid()))   # ended for us if we are killed
     env.update(activation_env(files, rules, options, run_id, env))
     env.pop("ARV_WRAP_JOB", None)
     if options.get("as_job"):
@@ -112,5 +113,4 @@ def env(options, _words):
 
 def watched_shell():
     """The shell that evals our output (our parent): its run ends when it is gone."""
-    from arvwrap import runs
     return runs.shell_fields(os.getppid())
