@@ -135,7 +135,7 @@ class Call:
         self.capture = None      # job reuse: its streams and outputs, kept as it runs
         self.tool_status = None  # local: the wait status the client reported
         self.spooled = None      # job reuse: its stdin, read while it waits for the same work
-        self.state_asked = False  # remote: the client was asked for its caller's process state
+        self.state_unknown = False  # the caller's process state is the client's to send
 
 
 class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
@@ -451,6 +451,7 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
             self._finish(call, "local")
             return
         call.job = job
+        call.state_unknown = request.state_left_out
         job.arrived = call.created
         self.by_job[job.id] = call
         if self.stopping:

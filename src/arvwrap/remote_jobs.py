@@ -21,9 +21,8 @@ log = logging.getLogger("arvwrap.dispatcher")
 class RemoteJobs:
     def _dispatch_remote(self, call):
         """Record the job, then start it, once its caller's process state is known."""
-        job = call.job
-        if not call.state_asked and not job.rlimits and job.ignored_signals is None:
-            call.state, call.state_asked = "stating", True
+        if call.state_unknown:                  # asked once, whatever the answer
+            call.state, call.state_unknown = "stating", False
             if not self._send(call, protocol.STATE_QUERY):
                 self._caller_gone(call)
             return

@@ -38,7 +38,7 @@ def close_ended(db):
                         [run["id"]])
         if busy:
             continue
-        if run["argv"][1:2] == ["env"]:
+        if run["argv"][:2] == ["arv-wrap", "env"]:
             db.update(run["id"], state="exited", ended=last_end(db, run), reason=(
                 "its shell ended (a shell's exit status is not known to arv-wrap)"))
         else:
