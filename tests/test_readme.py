@@ -101,7 +101,7 @@ def refusing_python(env):
 
 def test_the_first_command_runs_in_a_fresh_clone_where_pip_install_outside_a_venv_is_refused(
         base_env, tmp_path):
-    if not os.path.isdir(os.path.join(ROOT, ".git")) or shutil.which("git") is None:
+    if not os.path.exists(os.path.join(ROOT, ".git")) or shutil.which("git") is None:
         if ON_CI:
             pytest.fail("CI runs from a git checkout")
         pytest.skip("not a git checkout")
