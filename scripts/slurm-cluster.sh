@@ -132,14 +132,16 @@ daemon_line() {  # daemon_line WHAT PIDS
 }
 
 cmd_status() {
-    local node state bad=0
+    local node state pid bad=0
     echo "instance: ${INSTANCE:-default} (SLURM_CONF=$CONF)"
     daemon_line munged "$(munge_pids | tr '\n' ' ')"
     daemon_line slurmctld "$(daemon_pid "$CTLD_PID" slurmctld || true)"
     command -v sinfo >/dev/null || { echo "slurm is not installed"; return 1; }
     [[ -r $CONF ]] || { echo "no $CONF: run 'up' first"; return 1; }
     for node in $(all_nodes); do
-        daemon_line "slurmd of $node" "$(slurmd_pid "$node" || true)"
+        pid=$(slurmd_pid "$node" || true)
+        daemon_line "slurmd of $node" "$pid"
+        [[ -n $pid ]] || bad=1
     done
     # a controller that does not run makes sinfo retry for ~9 s: ask it with a ping first
     if ! timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; then
