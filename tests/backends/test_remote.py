@@ -221,11 +221,11 @@ class CrashingRelay(Relay):
     """A relay whose serving loop breaks on the first handshake (a fault injected)."""
     crashes = 1
 
-    def _handshake(self, conn):
+    def _identify(self, line):
         if self.crashes:
             self.crashes -= 1
             raise RuntimeError("injected")
-        super()._handshake(conn)
+        return super()._identify(line)
 
 
 def test_relay_fault_injecting_crash_fails_waiting_jobs_and_restarts():
