@@ -5,6 +5,9 @@ themselves with a token line).
 A connection is a *stranger* from its accept until it has sent one whole line
 that ``identify(line)`` knows: identify returns a callable that takes the
 connection over (blocking again, the line consumed, nothing after it), or None.
+A connection taken is answered ACK first: the other end keeps a connection only
+once it has that answer, and connects again if it was dropped before (which any
+stranger-dropping rule below may do to it under a flood).
 Against strangers:
 
 - each must send its line within ``limits.handshake`` seconds, in at most
@@ -36,6 +39,7 @@ from arvwrap.backends.remote.refusals import RefusalLog
 
 log = logging.getLogger("arvwrap.dispatcher")
 MAX_LINE = 128          # bytes a stranger may send before its line ends
+ACK = b"+"              # sent once a connection is taken (the relay waits for it)
 ACCEPT_BATCH = 64       # accepts between two looks at the strangers' data
 PAUSE = 0.1             # s between looks at the descriptor budget while it is short
 
@@ -161,7 +165,15 @@ class Listener:
             return
         self._forget(conn)
         conn.setblocking(True)
-        take(conn)
+        try:
+            conn.sendall(ACK)         # taken: until this, the other end may be dropped
+        except OSError:
+            pass                      # gone already: what takes it sees the end
+        try:
+            take(conn)
+        except Exception:
+            log.exception("%s: taking a connection", self.refusals.label)
+            conn.close()
 
     def _expire(self, now):
         while self.strangers:
