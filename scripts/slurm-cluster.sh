@@ -55,19 +55,29 @@ start_slurmctld() {
     fail_with_log "$CTLD_LOG" "slurmctld does not answer 'scontrol ping' after ${WAIT_SECONDS}s"
 }
 
-slurm_pids() {  # slurmctld and every slurmd of this instance (and the host slurmd of old)
+slurmd_pids() {  # every slurmd of this instance (and the host slurmd of old)
     local node
-    daemon_pid "$CTLD_PID" slurmctld || true
     for node in $(all_nodes); do slurmd_pid "$node" || true; done
     [[ -n $INSTANCE ]] || daemon_pid "$LEGACY_SLURMD_PID" slurmd || true
 }
 
+# stop_slurm: the slurmds (what they keep on a node does not matter here: 2 s, then
+# SIGKILL; one took 17 s to exit on SIGTERM), then slurmctld (up to 10 s: it saves
+# the cluster's state)
+stop_slurm() {
+    # shellcheck disable=SC2046
+    stop_pids 2 $(slurmd_pids)
+    # shellcheck disable=SC2046
+    stop_pids 10 $(daemon_pid "$CTLD_PID" slurmctld || true)
+}
+
 smoke_check() {  # one srun on every node, each answering with its own name
     local n=$1 out rc=0 want
-    out=$(timeout 60 srun -N"$n" -n"$n" -t 1 hostname 2>&1) || rc=$?
+    out=$(timeout 60 srun -N"$n" -n"$n" -t 1 hostname 2>/tmp/slurm-cluster-smoke.err) || rc=$?
     want=$(all_nodes | sort)
     if [[ $rc -ne 0 || $(sort <<<"$out") != "$want" ]]; then
-        echo "slurm-cluster: error: smoke check 'srun -N$n hostname' gave (exit $rc): $out" >&2
+        echo "slurm-cluster: error: smoke check 'srun -N$n hostname' gave (exit $rc): $out" \
+            "$(cat /tmp/slurm-cluster-smoke.err)" >&2
         exit 1
     fi
 }
@@ -91,11 +101,10 @@ cmd_up() {
     munge_up
     changed=$(install_config "$n")
     if [[ $changed == changed ]]; then
-        local pids
-        pids=$(slurm_pids | tr '\n' ' ')
-        [[ -z ${pids// /} ]] || say "slurm.conf changed, restarting the daemons"
-        # shellcheck disable=SC2086
-        stop_pids 10 $pids
+        if [[ -n $(slurmd_pids) ]] || daemon_pid "$CTLD_PID" slurmctld >/dev/null; then
+            say "slurm.conf changed, restarting the daemons"
+        fi
+        stop_slurm
         for ns in $(instance_netns); do   # nodes beyond the new count
             i=${ns#slurm-"$NODE_PREFIX"}
             ((i <= n)) || netns_down "$ns"
@@ -116,8 +125,7 @@ cmd_up() {
 
 cmd_down() {
     need_root down
-    # shellcheck disable=SC2046
-    stop_pids 10 $(slurm_pids)
+    stop_slurm
     net_down
     rm -f "$CTLD_PID" "${SLURMD_PID//%n/*}"
     if [[ -z $INSTANCE ]] && ! other_instances_up; then

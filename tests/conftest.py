@@ -215,7 +215,8 @@ def small_tmpfs(tmp_path):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The one-node Slurm of scripts/slurm-cluster.sh, brought up (root) or found up."""
+    """The Slurm of scripts/slurm-cluster.sh (the instance SLURM_CONF names), found up,
+    or brought up as it is configured (root)."""
     need("srun")
     script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
     proc = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60)

@@ -1,4 +1,5 @@
-"""The Slurm backend, end to end on the real one-node cluster of scripts/slurm-cluster.sh:
+"""The Slurm backend, end to end on the real cluster of scripts/slurm-cluster.sh (one node
+or several, each a network namespace of this machine; SLURM_CONF names the instance):
 `arv-wrap -b slurm` through the shim, the client, the dispatcher and srun.
 
 Skipped when Slurm is not installed, except on CI (CI=true) where that is a failure.
