@@ -12,8 +12,12 @@
 
 # ---------------------------------------------------------------- network
 
+# (links are looked up with ip, not in /sys: /sys shows the network namespace of
+# whoever mounted it, which need not be ours)
+link_exists() { ip link show dev "$1" >/dev/null 2>&1; }
+
 bridge_up() {
-    if [[ ! -e /sys/class/net/$BRIDGE ]]; then
+    if ! link_exists "$BRIDGE"; then
         ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE"
     fi
     ip addr replace "$HOST_ADDR/24" dev "$BRIDGE"
@@ -26,7 +30,7 @@ node_net_up() {  # node_net_up I: the node's namespace and veth, addressed and u
     ns=$(node_netns "$node")
     veth=$(node_veth "$1")
     [[ -e /run/netns/$ns ]] || ip netns add "$ns" || die "cannot create the network namespace $ns"
-    if [[ ! -e /sys/class/net/$veth ]]; then
+    if ! link_exists "$veth"; then
         ip link add "$veth" type veth peer name eth0 netns "$ns" ||
             die "cannot create the veth pair $veth / $ns:eth0"
     fi
@@ -63,10 +67,10 @@ net_down() {  # every namespace, veth and the bridge of this instance
     for ns in $(instance_netns); do netns_down "$ns"; done
     # the veths go with their namespace; delete what is left explicitly so a fast
     # re-up never finds a half-removed pair
-    for link in /sys/class/net/sw"${IDX}"n*; do
-        [[ -e $link ]] && ip link del "$(basename "$link")" 2>/dev/null || true
+    for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^sw${IDX}n[0-9]+$"); do
+        ip link del "$link" 2>/dev/null || true
     done
-    [[ -e /sys/class/net/$BRIDGE ]] && ip link del "$BRIDGE" 2>/dev/null || true
+    ! link_exists "$BRIDGE" || ip link del "$BRIDGE" 2>/dev/null || true
 }
 
 # ---------------------------------------------------------------- slurmd
