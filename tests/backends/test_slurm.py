@@ -648,6 +648,9 @@ def test_a_tool_that_could_never_start_beside_its_driver_fails_at_once(env, tool
     assert line.endswith("of the only node of partition solo"), line
     [driver] = [r for r in job_records(env) if r["argv"] == ["driver"]]
     assert driver["backend"] == "slurm" and driver["state"] == "exited"
+    shown = subprocess.run(["scontrol", "-o", "show", "job", driver["backend_id"]],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert " Partition=solo " in shown, shown      # the driver's rule gave its partition
 
 
 def test_ctrl_c_cancels_the_whole_as_job_tree(env, tools):
