@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import need, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-cluster.sh"
@@ -111,7 +111,10 @@ def test_final_state_in_scontrol_and_jobcomp(slurm):
     assert proc.returncode == 3
     job_id = proc.stdout.strip()
     assert job_id.isdigit(), proc.stdout
-    fields = job_fields(job_id)  # kept MinJobAge=300 s after the end
+    def ended():      # COMPLETING for a moment after srun's exit
+        fields = job_fields(job_id)
+        return fields if fields.get("JobState") != "COMPLETING" else None
+    fields = poll(ended, 10) or job_fields(job_id)     # kept MinJobAge=300 s after the end
     assert fields.get("JobState") == "FAILED", fields
     assert fields.get("ExitCode") == "3:0", fields
     jobcomp_log = Path(config_value("JobCompLoc"))
@@ -225,9 +228,10 @@ def started_step(name, script):
 def test_a_signal_to_a_step_reaches_the_tasks_children_too(slurm):
     """So the relay does not pass on what slurmstepd sends: the tool has it already."""
     name = f"arvwrap-test-signal-{os.getpid()}"
-    child = "trap 'echo child got it; exit 0' USR1; while :; do sleep 0.1; done"
-    proc, job_id = started_step(name, f"sh -c \"{child}\" & trap 'echo task got it' USR1; "
-                                      "echo ready; wait; wait")
+    # both traps are set before "ready" (the child's own, once its sh runs)
+    child = "trap 'echo child got it; exit 0' USR1; echo ready; while :; do sleep 0.1; done"
+    proc, job_id = started_step(name, f"trap 'echo task got it' USR1; sh -c \"{child}\" & "
+                                      "wait; wait")
     assert run(["scancel", "--signal=USR1", job_id], timeout=20).returncode == 0
     out, _ = proc.communicate(timeout=30)
     assert sorted(out.splitlines()) == ["child got it", "task got it"]
