@@ -30,6 +30,8 @@ python3 -c 'import snakemake' 2>/dev/null ||
     python3 -m pip install -q --disable-pip-version-check snakemake
 if command -v pyenv >/dev/null; then pyenv rehash; fi   # so `snakemake` is on PATH
 
-# A one-node Slurm cluster on loopback (installs Slurm and munge when missing).
-bash scripts/slurm-cluster.sh up
+# A three-node Slurm cluster on this machine, each node a network namespace of its own
+# (installs Slurm, munge and iproute2 when missing; docs/slurm.md). A cluster already
+# up with another node count is reconfigured to three.
+bash scripts/slurm-cluster.sh up --nodes 3
 bash scripts/docker-engine.sh   # a local dockerd and the docker backend's test images

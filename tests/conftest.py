@@ -1,4 +1,5 @@
 """Shared fixtures: an isolated state dir and the environment that activates arv-wrap."""
+import functools
 import os
 import shutil
 import subprocess
@@ -53,9 +54,21 @@ def helper(native_programs):
     return native_programs[1]
 
 
+@functools.lru_cache(maxsize=None)
+def slurm_cluster_name():
+    """The ClusterName of the cluster SLURM_CONF names (job ids are per cluster)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return next((line.split("=", 1)[1].strip() for line in out.splitlines()
+                 if line.startswith("ClusterName")), "")
+
+
 def slurm_relay(slurm_id):
-    """(pid, environment) of the relay that runs Slurm job slurm_id on this host (the
-    one-node cluster's node), or None."""
+    """(pid, environment) of the relay that runs Slurm job slurm_id of our cluster, or
+    None. Every node of the test cluster is this machine: its processes are here,
+    whatever the node's network namespace."""
+    mine = [f"SLURM_JOB_ID={slurm_id}".encode(),
+            f"SLURM_CLUSTER_NAME={slurm_cluster_name()}".encode()]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -64,7 +77,7 @@ def slurm_relay(slurm_id):
                 environ = f.read().split(b"\0")
         except OSError:
             continue
-        if argv[1:2] == [b"--relay"] and f"SLURM_JOB_ID={slurm_id}".encode() in environ:
+        if argv[1:2] == [b"--relay"] and all(m in environ for m in mine):
             return int(pid), dict(e.decode(errors="replace").partition("=")[::2]
                                   for e in environ if e)
     return None
@@ -202,7 +215,8 @@ def small_tmpfs(tmp_path):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The one-node Slurm of scripts/slurm-cluster.sh, brought up (root) or found up."""
+    """The Slurm of scripts/slurm-cluster.sh (the instance SLURM_CONF names), found up,
+    or brought up as it is configured (root)."""
     need("srun")
     script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
     proc = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60)

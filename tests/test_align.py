@@ -154,7 +154,7 @@ BACKENDS = [backend_param("local"), backend_param("slurm")]
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """The one-node cluster of scripts/slurm-cluster.sh: brought up when we are root."""
+    """The cluster of scripts/slurm-cluster.sh: brought up when we are root."""
     need("srun")
     script = os.path.join(ROOT, "scripts", "slurm-cluster.sh")
     if subprocess.run(["bash", script, "status"], capture_output=True, timeout=60).returncode:

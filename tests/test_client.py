@@ -7,6 +7,7 @@ ARV_WRAP_PYTHON points to a fake dispatcher script that records how it was start
 """
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -606,6 +607,7 @@ class RelayListener:
             reader.start()
 
     def _read(self, conn, index):
+        acked = False
         while True:
             try:
                 data = conn.recv(65536)
@@ -615,6 +617,10 @@ class RelayListener:
                 return
             with self.lock:
                 self.received[index] += data
+                line_done = b"\n" in self.received[index]
+            if line_done and not acked:         # taken, as the backend's listener says
+                conn.sendall(b"+")
+                acked = True
 
     def close(self):
         # wake accept() before the fd goes: a new listener could get the same fd number
@@ -759,6 +765,56 @@ def test_client_relay_cannot_connect_is_125_and_one_line(helper, env):
     assert (proc.returncode, proc.stdout) == (125, b"")
     assert proc.stderr == (f"arv-wrap-relay: cannot connect to 127.0.0.1:{port}: "
                            "Connection refused\n").encode()
+
+
+class DroppingListener(RelayListener):
+    """Drops the first `drops` connections after reading their token line, unanswered
+    (as the backend's listener drops strangers under a flood), then takes the rest."""
+
+    def __init__(self, drops):
+        self.drops = drops
+        self.dropped = 0
+        super().__init__()
+
+    def _read(self, conn, index):
+        with self.lock:
+            drop = self.dropped < self.drops
+            self.dropped += drop
+        if drop:
+            conn.recv(100)
+            conn.close()
+            return
+        super()._read(conn, index)
+
+
+def test_client_relay_connects_again_when_its_connection_is_dropped_unanswered(helper, env):
+    server = DroppingListener(3)
+    try:
+        proc = subprocess.run(relay(helper, "sh", "/bin/sh", "-c", "printf out; printf err >&2"),
+                              env=relay_env(env, server), capture_output=True, timeout=10)
+        assert (proc.returncode, proc.stderr) == (0, b"")
+        assert wait_for(lambda: [r for r in server.received if r] == [b"o0123abcd\nout",
+                                                                       b"e0123abcd\nerr"])
+        assert server.dropped == 3
+    finally:
+        server.close()
+
+
+def test_client_relay_always_dropped_is_125_and_one_line_in_bounded_time(helper, env):
+    server = DroppingListener(10 ** 6)
+    try:
+        start = time.monotonic()
+        proc = subprocess.run(relay(helper, "true", "/bin/true"), capture_output=True,
+                              env=relay_env(env, server, ARV_WRAP_SLURM_CONNECT_TIMEOUT="1"),
+                              timeout=10)
+        assert time.monotonic() - start < 3
+        assert (proc.returncode, proc.stdout) == (125, b"")
+        [line] = proc.stderr.decode().splitlines()
+        assert re.fullmatch(rf"arv-wrap-relay: cannot connect to 127.0.0.1:{server.port}: it "
+                            r"dropped the connection \d+ times before taking it \(too many "
+                            r"connections without a token\?\)", line), line
+    finally:
+        server.close()
 
 
 def test_client_relay_without_its_variables_is_125(helper, env):

@@ -2,8 +2,8 @@
 output; two pipelines with different state dirs never see each other's jobs.
 
 200 calls are in flight together on the local backend (each waits until all have
-started before writing its second half); 12 on Slurm (the one-node cluster has 2
-CPUs: they queue). Each writes a payload of its own, some KB on stdout and on
+started before writing its second half); 12 on Slurm (2 CPUs a node of the test
+cluster: some queue). Each writes a payload of its own, some KB on stdout and on
 stderr, to a file of its own; every byte is compared, every record counted.
 """
 import json

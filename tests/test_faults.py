@@ -68,8 +68,8 @@ def finished(proc, timeout):
 
 # -- Slurm ------------------------------------------------------------------------
 
-def cluster_cmd(cmd):
-    return subprocess.run(["bash", str(CLUSTER), cmd], capture_output=True, text=True,
+def cluster_cmd(*args):
+    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -101,35 +101,37 @@ def srun_running(marker, of=None):
     return [p for p in tool_running(marker) if is_srun(p)]
 
 
-def daemon_pid(name):
-    pidfile = Path(f"/run/{name}.pid")
-    try:
-        pid = int(pidfile.read_text().strip())
-        if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-            return pid
-    except (OSError, ValueError):
-        pass
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-    return int(out[0]) if out else None
+def on_a_node(marker):
+    """Those of tool_running(marker) in a network namespace other than ours (a node's)."""
+    def elsewhere(pid):
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        except OSError:
+            return False
+    return [p for p in tool_running(marker) if elsewhere(p)]
+
+
+def node_of(slurm_id):
+    out = subprocess.run(["squeue", "-h", "-j", str(slurm_id), "-o", "%N"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    assert out, f"Slurm job {slurm_id} is not running on any node"
+    return out
 
 
 @contextmanager
-def killed(name, signum=signal.SIGKILL):
-    """Kill a Slurm daemon; start it again (and wait until the node is usable) on
-    leaving, whatever happened. slurmctld gets SIGTERM: one killed with SIGKILL forgets
-    what it had not saved yet and gives the ids of the newest jobs again, which on a
-    cluster shared with other test runs leaves their jobs behind as ghosts (to arv-wrap,
-    either is a controller that does not answer)."""
-    pid = daemon_pid(name)
-    assert pid, f"{name} is not running"
-    os.kill(pid, signum)
-    until(lambda: not alive(pid), 10, f"{name} to die")
+def killed(daemon, node=None):
+    """slurmctld stopped, or the slurmd of a node killed (SIGKILL); started again (and
+    waited for until every node is usable) on leaving, whatever happened. slurmctld
+    gets SIGTERM: one killed with SIGKILL forgets what it had not saved yet and gives
+    the ids of the newest jobs again, which on a cluster shared with other test runs
+    leaves their jobs behind as ghosts (to arv-wrap, either is a controller that does
+    not answer)."""
+    proc = cluster_cmd("stop-controller") if daemon == "slurmctld" else \
+        cluster_cmd("kill-slurmd", node)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
         yield
     finally:
-        if name == "slurmd":
-            node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout
-            subprocess.run(["slurmd", "-N", node.strip()], timeout=60)
         # starts what is missing and waits for it (once more if a start raced another's)
         proc = cluster_cmd("start-controller")
         if proc.returncode != 0:
@@ -152,7 +154,7 @@ def test_a_job_outlives_slurmctld_stopped_and_started_again(slurm_env, tmp_path)
     proc = start(slurm_env, "hold", str(go))
     assert proc.stdout.readline() == b"started\n"
     record = running_record(slurm_env)
-    with killed("slurmctld", signal.SIGTERM):
+    with killed("slurmctld"):
         assert tool_running(go)           # the job runs on while the controller is away
     go.touch()
     status, out, err = finished(proc, 60)
@@ -169,7 +171,7 @@ def test_a_call_killed_while_slurmctld_is_down_leaves_no_job_once_it_is_back(slu
     proc = start(slurm_env, "hold", str(go))
     assert proc.stdout.readline() == b"started\n"
     record = running_record(slurm_env)
-    with killed("slurmctld", signal.SIGTERM):
+    with killed("slurmctld"):
         client = [p for p in tool_running(go)
                   if Path(f"/proc/{p}/cmdline").read_bytes().startswith(paths.CLIENT.encode())]
         for pid in client:
@@ -190,13 +192,45 @@ def test_a_job_outlives_slurmd_killed(slurm_env, tmp_path):
     proc = start(slurm_env, "hold", str(go))
     assert proc.stdout.readline() == b"started\n"
     record = running_record(slurm_env)
-    with killed("slurmd"):
+    with killed("slurmd", node_of(record["backend_id"])):
         go.touch()
         status, out, err = finished(proc, 60)
     # slurmstepd, not slurmd, runs the step: the job's own result
     assert (status, out, err) == (7, b"done\n", b"")
     assert poll(lambda: not in_squeue(record["id"]), 15), in_squeue(record["id"])
     assert not tool_running(go)
+
+
+@pytest.mark.parametrize("how", ["node-down", "kill-node, then node-down"])
+def test_a_job_whose_node_is_lost_ends_125_with_one_line_naming_it(slurm_env, tmp_path, how):
+    """Set down by an admin (which kills its jobs), or gone at once with every process
+    on it and then found down: srun says "Node failure" and exits 0 without the task's
+    status, which only arv-wrap's line may stand for."""
+    go = tmp_path / "go"
+    proc = start(slurm_env, "hold", str(go))
+    assert proc.stdout.readline() == b"started\n"
+    record = running_record(slurm_env)
+    node = node_of(record["backend_id"])
+    try:
+        assert on_a_node(go)                    # the tool runs in the node's namespace
+        if how.startswith("kill-node"):
+            assert cluster_cmd("kill-node", node).returncode == 0
+            assert not on_a_node(go)
+        assert cluster_cmd("node-down", node, "test_faults").returncode == 0
+        status, out, err = finished(proc, 30)
+    finally:
+        back = cluster_cmd("start-node", node)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert (status, out) == (125, b""), (status, out, err)
+    assert arv_lines(err) == [f"arv-wrap: job {record['backend_id']} (hold): its node {node} "
+                              f"was lost (Slurm: Node failure); what the tool did there is "
+                              f"unknown"], err
+    # and nothing of Slurm's (Slurm may SIGTERM the job first: hold's sh then says so)
+    assert set(err.decode().splitlines()) - set(arv_lines(err)) <= {"Terminated"}, err
+    [final] = job_records(slurm_env)
+    assert final["state"] == "failed" and node in final["reason"]
+    assert poll(lambda: not in_squeue(record["id"]), 10), in_squeue(record["id"])
+    assert poll(lambda: not tool_running(go), 10), tool_running(go)
 
 
 def test_a_dispatcher_killed_under_a_slurm_job_leaves_no_job(slurm_env, tmp_path):
@@ -268,7 +302,7 @@ def test_a_job_that_ends_while_slurmctld_is_down_is_not_left_running(slurm_env, 
     proc = start(slurm_env, "hold", str(go))
     assert proc.stdout.readline() == b"started\n"
     record = running_record(slurm_env)
-    with killed("slurmctld", signal.SIGTERM):
+    with killed("slurmctld"):
         go.touch()
         status, out, err = finished(proc, 30)
         # the outage outlasts the dispatcher's idle timeout (1 s, ticks of 1 s): it

@@ -88,9 +88,11 @@ def world(tmp_path_factory, argdump_static, client):      # client: rebuilt when
     base = tmp_path_factory.mktemp("inj")
     rules = base / "rules.yaml"
     rules.write_text(RULES.format(token=TOKEN))
+    # (SLURM_CONF stays: it names the cluster the Slurm runs go to)
     env = {k: v for k, v in os.environb.items()
            if not k.startswith((b"ARV_WRAP_", b"SLURM", b"SBATCH_", b"SALLOC_", b"SRUN_", b"PT_"))
-           and k not in (b"LD_PRELOAD", b"BASH_ENV", b"ENV")}
+           or k == b"SLURM_CONF"
+           if k not in (b"LD_PRELOAD", b"BASH_ENV", b"ENV")}
     env[b"ARV_WRAP_STATE_DIR"] = os.fsencode(base / "state")
     env[b"ARV_WRAP_IDLE_TIMEOUT"] = b"60"
     w = World(base, argdump_static, str(rules), env)

@@ -239,10 +239,11 @@ def world(tmp_path_factory, argdump, client):       # client: rebuilt when stale
     base = tmp_path_factory.mktemp("props")
     rules = base / "rules.yaml"
     rules.write_text("tools:\n  - name: argdump\n")
+    # (SLURM_CONF stays: it names the cluster the Slurm examples go to)
     env = {k: v for k, v in os.environb.items()
            if not k.startswith((b"ARV_WRAP_", b"SLURM", b"SBATCH_", b"SALLOC_", b"SRUN_",
-                                b"PT_"))
-           and k != b"LD_PRELOAD"}
+                                b"PT_")) or k == b"SLURM_CONF"
+           if k != b"LD_PRELOAD"}
     env[b"ARV_WRAP_STATE_DIR"] = os.fsencode(base / "state")
     env[b"ARV_WRAP_IDLE_TIMEOUT"] = b"60"
     w = World(base, argdump, str(rules), env)

@@ -1,5 +1,5 @@
 """Job reuse end to end (arvwrap.reuse_jobs): a real dispatcher, real tools, on the
-local backend and on the one-node Slurm; each rule of the contract (README, Job
+local backend and on the test Slurm; each rule of the contract (README, Job
 reuse) is a test that fails when it is broken."""
 import os
 import subprocess

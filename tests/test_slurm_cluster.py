@@ -1,4 +1,6 @@
-"""The one-node Slurm test cluster (scripts/slurm-cluster.sh) behaves as the Slurm backend expects.
+"""The Slurm test cluster (scripts/slurm-cluster.sh, of the instance SLURM_CONF names)
+behaves as the Slurm backend expects, whatever its number of nodes; its nodes
+themselves: tests/test_slurm_cluster_nodes.py.
 
 Skipped when Slurm is not installed, except on CI (CI=true) where that is a failure.
 Every command runs with a timeout so a broken cluster fails the test instead of hanging it.
@@ -12,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import need, poll
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm-cluster.sh"
-JOBCOMP_LOG = Path("/var/log/slurm/jobcomp.log")
 IS_ROOT = os.geteuid() == 0
 
 
@@ -34,6 +35,11 @@ def cluster(cmd, timeout=120):
 
 def srun(*args, timeout=60):
     return run(["srun", *args], timeout=timeout)
+
+
+def config_value(key):
+    out = run(["scontrol", "show", "config"], timeout=20).stdout
+    return re.search(rf"^{key}\s*=\s*(\S+)", out, re.M).group(1)
 
 
 def job_fields(job_id):
@@ -65,13 +71,18 @@ def slurm():
 def test_cluster_is_up(slurm):
     proc = cluster("status", timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    states = run(["sinfo", "-h", "-o", "%P %T"], timeout=20).stdout.split("\n")
-    parts = dict(line.split() for line in states if line.strip())
-    assert parts.get("debug*") in ("idle", "mixed", "allocated")
-    assert "short" in parts
-    # the node's hardware is what the machine has (RealMemory a bit below)
-    node = run(["scontrol", "-o", "show", "node"], timeout=20).stdout
-    assert f"CPUTot={os.cpu_count()}" in node
+    nodes = cluster("nodes", timeout=30).stdout.split()
+    assert nodes and all(f"node {n}: " in proc.stdout for n in nodes)
+    rows = run(["sinfo", "-h", "-o", "%P %D"], timeout=20).stdout.split("\n")
+    parts = {}
+    for part, count in (r.split() for r in rows if r.strip()):    # a line per state
+        parts[part] = parts.get(part, 0) + int(count)
+    # debug (the default) and short have every node, solo the first one only
+    assert parts == {"debug*": len(nodes), "short": len(nodes), "solo": 1}, rows
+    # each node has the machine's hardware (RealMemory a bit below)
+    shown = run(["scontrol", "-o", "show", "node"], timeout=20).stdout.splitlines()
+    assert len(shown) == len(nodes)
+    assert all(f"CPUTot={os.cpu_count()} " in line for line in shown), shown
 
 
 def test_srun_streams_stdout_and_stderr_separately(slurm):
@@ -100,19 +111,23 @@ def test_final_state_in_scontrol_and_jobcomp(slurm):
     assert proc.returncode == 3
     job_id = proc.stdout.strip()
     assert job_id.isdigit(), proc.stdout
-    fields = job_fields(job_id)  # kept MinJobAge=300 s after the end
+    def ended():      # COMPLETING for a moment after srun's exit
+        fields = job_fields(job_id)
+        return fields if fields.get("JobState") != "COMPLETING" else None
+    fields = poll(ended, 10) or job_fields(job_id)     # kept MinJobAge=300 s after the end
     assert fields.get("JobState") == "FAILED", fields
     assert fields.get("ExitCode") == "3:0", fields
+    jobcomp_log = Path(config_value("JobCompLoc"))
     deadline = time.monotonic() + 10
     line = ""
     while time.monotonic() < deadline:
-        if JOBCOMP_LOG.exists():
-            line = next((x for x in JOBCOMP_LOG.read_text().splitlines()
+        if jobcomp_log.exists():
+            line = next((x for x in jobcomp_log.read_text().splitlines()
                          if f"JobId={job_id} " in x and f"Name={name} " in x), "")
             if line:
                 break
         time.sleep(0.2)
-    assert "JobState=FAILED" in line, line or f"JobId={job_id} not in {JOBCOMP_LOG}"
+    assert "JobState=FAILED" in line, line or f"JobId={job_id} not in {jobcomp_log}"
 
 
 def test_default_memory_per_cpu(slurm):
@@ -124,9 +139,11 @@ def test_default_memory_per_cpu(slurm):
 
 
 def test_queued_job_starts_when_the_node_frees(slurm):
-    """SchedulerParameters=batch_sched_delay=0,sched_min_interval=0: no seconds of delay."""
+    """SchedulerParameters=batch_sched_delay=0,sched_min_interval=0: no seconds of delay.
+    (On the one-node partition: elsewhere the second job would start on another node.)"""
     cpus = str(os.cpu_count())
-    holder = subprocess.Popen(["srun", "-J", "arvwrap-test-holder", "-c", cpus, "sleep", "2"],
+    holder = subprocess.Popen(["srun", "-p", "solo", "-J", "arvwrap-test-holder", "-c", cpus,
+                               "sleep", "2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
@@ -137,7 +154,7 @@ def test_queued_job_starts_when_the_node_frees(slurm):
         else:
             pytest.fail("the node-filling job did not start")
         start = time.monotonic()
-        proc = srun("-c", cpus, "true", timeout=60)
+        proc = srun("-p", "solo", "-c", cpus, "true", timeout=60)
         elapsed = time.monotonic() - start
         assert proc.returncode == 0, proc.stderr
         assert "queued and waiting for resources" in proc.stderr
@@ -211,9 +228,10 @@ def started_step(name, script):
 def test_a_signal_to_a_step_reaches_the_tasks_children_too(slurm):
     """So the relay does not pass on what slurmstepd sends: the tool has it already."""
     name = f"arvwrap-test-signal-{os.getpid()}"
-    child = "trap 'echo child got it; exit 0' USR1; while :; do sleep 0.1; done"
-    proc, job_id = started_step(name, f"sh -c \"{child}\" & trap 'echo task got it' USR1; "
-                                      "echo ready; wait; wait")
+    # both traps are set before "ready" (the child's own, once its sh runs)
+    child = "trap 'echo child got it; exit 0' USR1; echo ready; while :; do sleep 0.1; done"
+    proc, job_id = started_step(name, f"trap 'echo task got it' USR1; sh -c \"{child}\" & "
+                                      "wait; wait")
     assert run(["scancel", "--signal=USR1", job_id], timeout=20).returncode == 0
     out, _ = proc.communicate(timeout=30)
     assert sorted(out.splitlines()) == ["child got it", "task got it"]

@@ -4,7 +4,9 @@
  * that is ":" or starts with "+" comes with a "+" in front, since srun would read a
  * bare ":" as the start of another job's command): connects fd 1 and then
  * fd 2 to ARV_WRAP_SLURM_HOST:ARV_WRAP_SLURM_PORT, each connection opened with
- * "o<token>\n" / "e<token>\n" (ARV_WRAP_SLURM_TOKEN); gives PWD, SHLVL,
+ * "o<token>\n" / "e<token>\n" (ARV_WRAP_SLURM_TOKEN) and kept once the dispatcher
+ * answers "+" (it took it; a connection dropped before that is made again, within
+ * ARV_WRAP_SLURM_CONNECT_TIMEOUT); gives PWD, SHLVL,
  * ARV_WRAP_DISABLE and BASH_ENV back the caller's values (ARV_WRAP_SLURM_<NAME> is
  * "=value", or absent when the caller had none; BASH_ENV is left alone when
  * absent), removes every ARV_WRAP_SLURM_* variable, and starts PATH with argv
@@ -38,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -61,28 +64,54 @@ static _Noreturn void relay_fail(int status, const char *a, const char *b, const
     _exit(status);
 }
 
-/* connect(), given at most ARV_WRAP_SLURM_CONNECT_TIMEOUT seconds (default 20): a
- * submit host whose port the node cannot reach (a firewall that drops the packets)
- * is then one clear failure, not a job that hangs for the kernel's SYN retries. */
-static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len)
+/* The dispatcher's answer once it has taken a connection for its job. Until then
+ * the connection is one of possibly many strangers the dispatcher may drop (a
+ * flood: see src/arvwrap/backends/remote/listener.py), so the relay waits for it,
+ * and connects again after a drop, rather than write the tool's output into a
+ * connection nobody reads. */
+#define ACK '+'
+
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* ARV_WRAP_SLURM_CONNECT_TIMEOUT seconds (default 20): a submit host whose port the
+ * node cannot reach (a firewall that drops the packets), or that keeps dropping our
+ * connections, is then one clear failure, not a job that hangs. */
+static long long connect_timeout_ms(void)
 {
     const char *t = getenv("ARV_WRAP_SLURM_CONNECT_TIMEOUT");
     long ms = t && *t ? strtol(t, NULL, 10) * 1000 : 20000;
-    if (ms <= 0)
-        ms = 20000;
+    return ms > 0 ? ms : 20000;
+}
+
+/* Wait until s is ready for events, at most until deadline: 1 ready, 0 timed out. */
+static int wait_for(int s, short events, long long deadline)
+{
+    struct pollfd p = {s, events, 0};
+    int r;
+    do {
+        long long left = deadline - now_ms();
+        r = poll(&p, 1, left > 0 ? (int)left : 0);
+    } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+/* connect(), given until deadline. */
+static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len, long long deadline)
+{
     int flags = fcntl(s, F_GETFL);
     if (flags < 0 || fcntl(s, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
     if (connect(s, addr, len) < 0) {
         if (errno != EINTR && errno != EINPROGRESS)
             return -1;
-        struct pollfd p = {s, POLLOUT, 0};
-        int r;
-        while ((r = poll(&p, 1, (int)ms)) < 0)   /* EINTR: restart (bounded enough) */
-            if (errno != EINTR)
-                return -1;
-        if (r == 0) {
-            errno = ETIMEDOUT;
+        int r = wait_for(s, POLLOUT, deadline);
+        if (r <= 0) {
+            errno = r == 0 ? ETIMEDOUT : errno;
             return -1;
         }
         int err = 0;
@@ -97,7 +126,41 @@ static int connect_bounded(int s, const struct sockaddr *addr, socklen_t len)
     return fcntl(s, F_SETFL, flags);
 }
 
-/* Connect a stream to the dispatcher, send "<kind><token>\n", make it fd target. */
+/* Send the token line on a connected s and wait for the ACK: 1 taken, 0 dropped by
+ * the dispatcher unread (worth another connection), -1 failed (errno). */
+static int introduce(int s, const char *line, size_t len, long long deadline)
+{
+    for (size_t off = 0; off < len;) {
+        ssize_t n = send(s, line + off, len - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EPIPE || errno == ECONNRESET))
+            return 0;
+        if (n <= 0)
+            return -1;
+        off += n;
+    }
+    int r = wait_for(s, POLLIN, deadline);
+    if (r <= 0) {
+        errno = r == 0 ? ETIMEDOUT : errno;
+        return -1;
+    }
+    char ack;
+    ssize_t n;
+    do n = recv(s, &ack, 1, 0); while (n < 0 && errno == EINTR);
+    if (n == 0 || (n < 0 && errno == ECONNRESET))
+        return 0;
+    if (n < 0)
+        return -1;
+    if (ack != ACK) {
+        errno = EPROTO;
+        return -1;
+    }
+    return 1;
+}
+
+/* Connect a stream to the dispatcher, introduced by "<kind><token>\n" and taken (its
+ * ACK), and make it fd target. */
 static void relay_stream(const char *host, const char *port, char kind, const char *token,
                          int target)
 {
@@ -106,22 +169,6 @@ static void relay_stream(const char *host, const char *port, char kind, const ch
     if (rc)
         relay_fail(STATUS_ARVWRAP, "cannot connect to ", host, rc == EAI_SYSTEM
                    ? strerror(errno) : gai_strerror(rc));
-    int s = -1, err = 0;
-    for (ai = res; ai; ai = ai->ai_next) {
-        s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-        if (s >= 0 && connect_bounded(s, ai->ai_addr, ai->ai_addrlen) == 0)
-            break;
-        err = errno;
-        if (s >= 0)
-            close(s);
-        s = -1;
-    }
-    freeaddrinfo(res);
-    if (s < 0) {
-        char where[300];
-        snprintf(where, sizeof where, "%s:%s: ", host, port);
-        relay_fail(STATUS_ARVWRAP, "cannot connect to ", where, strerror(err));
-    }
     size_t tl = strlen(token);
     char *line = malloc(tl + 2);
     if (!line)
@@ -129,14 +176,41 @@ static void relay_stream(const char *host, const char *port, char kind, const ch
     line[0] = kind;
     memcpy(line + 1, token, tl);
     line[tl + 1] = '\n';
-    for (size_t off = 0; off < tl + 2;) {
-        ssize_t n = send(s, line + off, tl + 2 - off, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            relay_fail(STATUS_ARVWRAP, "cannot send the token: ", strerror(errno), NULL);
-        off += n;
+    char where[300];
+    snprintf(where, sizeof where, "%s:%s: ", host, port);
+    long long deadline = now_ms() + connect_timeout_ms();
+    int s = -1, drops = 0;
+    for (long long pause = 10;; pause = pause < 500 ? pause * 2 : 500) {
+        int err = 0, taken = -1;
+        for (ai = res; ai && taken < 0; ai = ai->ai_next) {
+            s = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+            if (s >= 0 && connect_bounded(s, ai->ai_addr, ai->ai_addrlen, deadline) == 0)
+                taken = introduce(s, line, tl + 2, deadline);
+            if (taken == 1)
+                break;
+            err = errno;
+            if (s >= 0)
+                close(s);
+            s = -1;
+            if (taken == 0)
+                break;              /* it listens there, and dropped us: try again */
+        }
+        if (taken == 1)
+            break;
+        if (taken < 0)
+            relay_fail(STATUS_ARVWRAP, "cannot connect to ", where, strerror(err));
+        drops++;
+        if (now_ms() + pause >= deadline) {
+            char why[100];
+            snprintf(why, sizeof why, "it dropped the connection %d times before taking it "
+                     "(too many connections without a token?)", drops);
+            relay_fail(STATUS_ARVWRAP, "cannot connect to ", where, why);
+        }
+        struct timespec t = {0, pause * 1000000};
+        while (nanosleep(&t, &t) < 0 && errno == EINTR)
+            ;
     }
+    freeaddrinfo(res);
     free(line);
     if (dup2(s, target) < 0)
         relay_fail(STATUS_ARVWRAP, "dup2: ", strerror(errno), NULL);

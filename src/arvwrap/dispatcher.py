@@ -548,7 +548,8 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
 
     def driver_job(self, request, caller):
         """`arv-wrap --as-job`: the command itself is the job, a pipeline whose tools
-        become its children (nested), with the CPUs it asked for and no rule."""
+        become its children (nested), with the CPUs it asked for; of a rule naming
+        the driver, only its backend blocks (a partition, an account) apply."""
         env = caller.values
         job_id = store.new_id()
         run = os.fsdecode(env.get(b"ARV_WRAP_RUN", b"")) or None
@@ -563,9 +564,22 @@ class Dispatcher(ReuseJobs, LocalJobs, RemoteJobs):
                   ignored_signals=request.ignored_signals,
                   blocked_signals=request.blocked_signals, fds=request.fds,
                   cwd_fd=request.cwd_fd, cpus=cpus, stdin="auto", nested=True,
-                  backend=backend, redactor=self.redactor(caller, None, request.argv))
+                  backend=backend, options=self.driver_options(request, caller),
+                  redactor=self.redactor(caller, None, request.argv))
         job.client_pid = request.pid
         return job
+
+    def driver_options(self, request, caller):
+        """The backend blocks of the rule that names an --as-job driver, if any (rules
+        that cannot be read: none; the driver then runs with the backend's defaults)."""
+        if not caller.whitelists:
+            return {}
+        try:
+            rules = self.rules.get(caller.whitelists)
+        except (OSError, whitelist.WhitelistError):
+            return {}
+        rule = rules.match(request.argv, os.path.basename(request.path), request.path)
+        return rule.options if rule is not None else {}
 
     def backend(self, name):
         with self.backend_lock:

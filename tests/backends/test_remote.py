@@ -196,7 +196,8 @@ def test_the_relay_hands_each_stream_to_its_job_by_token():
     out, err = connect(relay, b"otok\nhello"), connect(relay, b"etok\n")
     until(lambda: len(got) == 2, what="both streams")
     assert got["out"].recv(100) == b"hello"
-    assert stranger.recv(10) == b""                # dropped
+    assert out.recv(1) == err.recv(1) == b"+"      # each told it was taken
+    assert stranger.recv(10) == b""                # dropped, unanswered
     for s in (stranger, out, err, *got.values()):
         s.close()
 
@@ -221,11 +222,11 @@ class CrashingRelay(Relay):
     """A relay whose serving loop breaks on the first handshake (a fault injected)."""
     crashes = 1
 
-    def _handshake(self, conn):
+    def _identify(self, line):
         if self.crashes:
             self.crashes -= 1
             raise RuntimeError("injected")
-        super()._handshake(conn)
+        return super()._identify(line)
 
 
 def test_relay_fault_injecting_crash_fails_waiting_jobs_and_restarts():

@@ -1,4 +1,5 @@
-"""The Slurm backend, end to end on the real one-node cluster of scripts/slurm-cluster.sh:
+"""The Slurm backend, end to end on the real cluster of scripts/slurm-cluster.sh (one node
+or several, each a network namespace of this machine; SLURM_CONF names the instance):
 `arv-wrap -b slurm` through the shim, the client, the dispatcher and srun.
 
 Skipped when Slurm is not installed, except on CI (CI=true) where that is a failure.
@@ -477,21 +478,32 @@ def test_the_controller_address_is_read_from_scontrol_show_config():
     assert slurm.controller_address("ClusterName = x\n") is None
 
 
+def controller_route():
+    """This host's address on the route to the cluster's controller."""
+    from arvwrap.backends import slurm
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                            timeout=30).stdout
+    return slurm.route_address(*slurm.controller_address(config))
+
+
 def test_the_nodes_are_told_this_hosts_address_on_the_route_to_the_controller(cluster):
     from arvwrap.backends import slurm
     assert slurm.route_address("127.0.0.1", 6817) == "127.0.0.1"
-    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                            timeout=30).stdout
-    host, port = slurm.controller_address(config)
     backend = slurm.Backend({})
-    assert backend.own_address() == slurm.route_address(host, port)
+    assert backend.own_address() == controller_route()
+    # the listeners bind that one address, not every address of the host
+    assert backend.where() == (controller_route(), controller_route())
+    assert slurm.Backend({"listen": "0.0.0.0"}).where() == ("0.0.0.0", controller_route())
+    assert slurm.Backend({"listen": "0.0.0.0", "host": "h"}).where() == ("0.0.0.0", "h")
 
 
 def test_doctor_says_where_the_nodes_send_the_streams(env):
     result = arv_wrap("-b", "slurm", "doctor", env=env, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert b"is UP" in result.stdout and b"nodes send the streams to 127.0.0.1" in result.stdout
+    where = controller_route()
+    assert b"is UP" in result.stdout
+    assert f"nodes send the streams to {where} (listening on {where})".encode() in result.stdout
     assert b"a redirected `true` ran as job" in result.stdout
 
 
@@ -618,15 +630,27 @@ def test_as_job_the_driver_is_a_slurm_job_and_its_tools_its_children(env, tools)
     assert driver["backend_id"].isdigit() and driver["backend_id"] not in seen
 
 
-def test_a_tool_that_could_never_start_beside_its_driver_fails_at_once(env, tools):
-    """The driver holds both CPUs of the only node and waits for its tool."""
+ON_SOLO = "slurm: {partition: solo}\ntools:\n  - name: driver\n  - name: probe\n"
+
+
+def test_a_tool_that_could_never_start_beside_its_driver_fails_at_once(env, tools,
+                                                                        whitelist_file):
+    """The driver holds both CPUs of the only node of the partition (a rule naming the
+    driver gives its partition) and waits for its tool."""
     write_tool(tools, "driver", "probe exit 0; echo status=$?\n")
+    env["ARV_WRAP_WHITELIST"] = whitelist_file(ON_SOLO, name="solo.yaml")
     result = arv_wrap("-b", "slurm", "--as-job", "--cpus", str(os.cpu_count()), "--",
                       "driver", env=env, capture_output=True, stdin=subprocess.DEVNULL,
                       timeout=60)
     assert (result.returncode, result.stdout) == (0, b"status=125\n")
     [line] = result.stderr.decode().splitlines()
     assert line.startswith("arv-wrap: probe would wait for ever: Slurm job "), line
+    assert line.endswith("of the only node of partition solo"), line
+    [driver] = [r for r in job_records(env) if r["argv"] == ["driver"]]
+    assert driver["backend"] == "slurm" and driver["state"] == "exited"
+    shown = subprocess.run(["scontrol", "-o", "show", "job", driver["backend_id"]],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert " Partition=solo " in shown, shown      # the driver's rule gave its partition
 
 
 def test_ctrl_c_cancels_the_whole_as_job_tree(env, tools):
@@ -648,12 +672,19 @@ def test_ctrl_c_cancels_the_whole_as_job_tree(env, tools):
 
 
 def test_the_align_pipeline_gives_the_same_results_plainly_wrapped_and_as_a_job(env, tmp_path):
-    """examples/align/driver.py with whitelists/bcbio.yaml: bwa mem -t 2 and samtools
-    sort -@ 2 ask for both CPUs of the one-node cluster, where the driver holds one:
-    they get the CPU it leaves (with a note), rather than waiting for ever."""
+    """examples/align/driver.py with whitelists/bcbio.yaml on the one-node partition:
+    bwa mem -t 2 and samtools sort -@ 2 ask for both CPUs of its node, where the
+    driver holds one: they get the CPU it leaves (with a note), rather than waiting
+    for ever."""
     for program in ("bwa", "samtools", "bcftools"):
         need(program)
     from test_align import BCBIO, HEAVY, calls, command, outputs, summary_lines
+    # bcbio.yaml's tools on partition solo (a file's block is its tools'), and the
+    # driver too when it is a job (a rule naming it gives its partition)
+    solo = "slurm: {partition: solo}\n" + Path(BCBIO).read_text()
+    rules = {"wrapped": tmp_path / "solo.yaml", "as a job": tmp_path / "solo-driver.yaml"}
+    rules["wrapped"].write_text(solo)
+    rules["as a job"].write_text(solo + "  - name: driver.py\n")
     plain_env = {k: v for k, v in env.items() if not k.startswith("ARV_WRAP_")}
     got = {}
     for how, wrap in [("plain", None), ("wrapped", ["-b", "slurm"]),
@@ -664,9 +695,9 @@ def test_the_align_pipeline_gives_the_same_results_plainly_wrapped_and_as_a_job(
             result = subprocess.run(command("python", None), cwd=cwd, env=plain_env,
                                     capture_output=True, timeout=300)
         else:
-            result = arv_wrap("-w", BCBIO, *wrap, "--", *command("python", None), cwd=cwd,
-                              env=env, capture_output=True, stdin=subprocess.DEVNULL,
-                              timeout=300)
+            result = arv_wrap("-w", str(rules[how]), *wrap, "--", *command("python", None),
+                              cwd=cwd, env=env, capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=300)
         assert result.returncode == 0, f"{how}: {result.stderr.decode()}"
         got[how] = (outputs(cwd), summary_lines(result.stdout))
     assert got["wrapped"] == got["plain"] and got["as a job"] == got["plain"]

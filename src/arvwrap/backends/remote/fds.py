@@ -1,6 +1,8 @@
 """Small descriptor helpers shared by the remote machinery."""
 import os
+import resource
 import select
+import time
 
 
 class Readable:
@@ -72,3 +74,56 @@ def close(fd):
             os.close(fd)
         except OSError:
             pass
+
+
+class Events:
+    """An epoll of descriptors, each with the object that owns it (no 1024 limit)."""
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._owners = {}
+
+    def add(self, fd, owner):
+        self._epoll.register(fd, select.EPOLLIN)
+        self._owners[fd] = owner
+
+    def remove(self, fd):
+        del self._owners[fd]
+        self._epoll.unregister(fd)
+
+    def owner(self, fd):
+        return self._owners.get(fd)
+
+    def poll(self, timeout):
+        try:
+            return [fd for fd, _ in self._epoll.poll(timeout)]
+        except InterruptedError:
+            return []
+
+
+class Budget:
+    """Whether the process may take one more descriptor and still keep `reserve` of
+    its limit (RLIMIT_NOFILE's soft limit, read again on each count) free. The open
+    descriptors are counted at most every RECOUNT seconds; those taken in between
+    are added to the count (those closed only show at the next one)."""
+    RECOUNT = 0.1
+    MINIMUM = 64
+
+    def __init__(self, reserve):
+        self.fraction = reserve
+        self.open = self.limit = 0
+        self.counted_at = -1.0
+
+    def room(self):
+        now = time.monotonic()
+        if now - self.counted_at >= self.RECOUNT:
+            self.open = len(os.listdir("/proc/self/fd")) - 1    # the listing's own
+            self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.counted_at = now
+        return self.open + 1 + self.reserve() <= self.limit
+
+    def reserve(self):
+        return max(self.MINIMUM, int(self.limit * self.fraction))
+
+    def took(self):
+        self.open += 1

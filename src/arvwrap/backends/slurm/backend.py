@@ -104,8 +104,6 @@ class Backend(base.RemoteBackend):
         # the relay on the nodes and the launcher in front of srun (the shared
         # filesystem makes this path valid on the nodes too)
         self.helper = paths.HELPER
-        self.bind_host = self.settings.listen
-        self.advertise = self.settings.host     # else found with the relay
         self._relay_lock = threading.Lock()
         # the dispatcher's state dir, as the client computed it from the same environment
         state = state_dir or paths.state_dir()
@@ -128,9 +126,9 @@ class Backend(base.RemoteBackend):
             raise BackendError(f"slurm: the controller does not answer: {text or out.returncode}")
         cpus, memory = self.largest()
         stats = self.cluster.counters.snapshot()
-        host = self.relay.host if self.relay else self.advertise or self.own_address()
+        bind, host = (self.relay.bound, self.relay.host) if self.relay else self.where()
         return (f"slurm: {text}; largest node: {cpus} CPUs, {memory // MIB} MiB; "
-                f"nodes send the streams to {host}; "
+                f"nodes send the streams to {host} (listening on {bind}); "
                 f"{stats['submissions']} submitted, {stats['status_queries']} status queries")
 
     def stats(self):
@@ -195,10 +193,21 @@ class Backend(base.RemoteBackend):
     def relay_for(self):
         with self._relay_lock:
             if self.relay is None:
-                self.relay = Relay(self.bind_host, self.advertise or self.own_address(),
-                                   "the slurm stream relay", on_give_up=self.stop,
-                                   label="slurm relay")
+                bind, host = self.where()
+                self.relay = Relay(bind, host, "the slurm stream relay", on_give_up=self.stop,
+                                   label="slurm relay", limits=self.settings.limits())
             return self.relay
+
+    def where(self):
+        """(where a listener for the nodes binds, the address the nodes are told):
+        ARV_WRAP_SLURM_LISTEN, else this host's address on the route to the controller
+        (one address, never all of them by default); ARV_WRAP_SLURM_HOST, else the
+        bound address (the route's when it binds every address)."""
+        bind = self.settings.listen or self.own_address()
+        host = self.settings.host
+        if not host:
+            host = self.own_address() if bind in ("0.0.0.0", "::", "") else bind
+        return bind, host
 
     def own_address(self):
         return self.cluster.own_address()

@@ -36,6 +36,11 @@ def srun_argv(backend, job, name):
 
 def srun_env(backend, job, token):
     env = {k: v for k, v in job.env.items() if not k.startswith(ENV_DROP)}
+    # the job goes to the backend's cluster, the one its sinfo, squeue and scancel
+    # ask (the dispatcher's SLURM_CONF), whatever the caller's says
+    conf = os.environ.get("SLURM_CONF")
+    if conf:
+        env[b"SLURM_CONF"] = os.fsencode(conf)
     relay = backend.relay_for()
     env[b"ARV_WRAP_SLURM_HOST"] = os.fsencode(relay.host)
     env[b"ARV_WRAP_SLURM_PORT"] = str(relay.port).encode()

@@ -23,6 +23,8 @@ RE_ERROR = re.compile(r"^(?:srun|slurmstepd[-\w]*): error: (.*)")
 RE_USAGE = re.compile(r"^arv-wrap-relay: usage (\d+) (\d+) (\d+)$")
 RE_RELAY = re.compile(r"^arv-wrap-relay: (.*)")
 RE_EXEC_FAILED = re.compile(r"execve\(\): (.*)")
+# the node was set down or stopped answering: srun then exits 0 without the task's status
+RE_NODE_FAILED = re.compile(r"^srun: error: Node failure on (\S+)")
 
 
 class Attempt:
@@ -38,6 +40,7 @@ class Attempt:
         self.controller = None
         self.relay_error = None
         self.no_relay = None         # the node could not run the relay (not on a shared fs?)
+        self.node_failed = None      # the node Slurm lost under the job
         self.usage = {}              # what the tool used, as the relay measured it
         self.errors = []
         self.in_options = False      # inside srun -v's echo of its options
@@ -76,6 +79,10 @@ class Attempt:
         m = RE_RELAY.match(line)
         if m:
             self.relay_error = m.group(1)
+            return
+        m = RE_NODE_FAILED.match(line)
+        if m:
+            self.node_failed = m.group(1)
             return
         if RE_CONTROLLER.search(line):
             self.controller = line.split("error: ", 1)[-1].strip()

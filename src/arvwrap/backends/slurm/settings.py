@@ -3,21 +3,42 @@ and what `arv-wrap check` says crosses to the node."""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from arvwrap.backends.remote.listener import Limits
+
 MIB = 1 << 20
 ENV_DROP = (b"SLURM_", b"SBATCH_", b"SALLOC_", b"SRUN_")
 
 
+def _positive(kind):
+    def parse(text):
+        value = kind(float(text)) if kind is int else kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+    return {"parse": parse, "expected": "a number > 0"}
+
+
 @dataclass
 class Settings:
-    """ARV_WRAP_SLURM_SUBMIT_RATE, _MAX_JOBS, _POLL, _TIMEOUT, _LISTEN, _HOST (README)."""
+    """ARV_WRAP_SLURM_SUBMIT_RATE, _MAX_JOBS, _POLL, _TIMEOUT, _LISTEN, _HOST,
+    _CONNECT_TIMEOUT, _HANDSHAKE, _STRANGERS_PER_PEER, _STRANGERS_MAX (docs/slurm.md)."""
     submit_rate: float = 10.0      # submissions per second
     max_jobs: int = field(default=500, metadata={"parse": lambda text: int(float(text)),
                                                  "expected": "a number"})
     poll: float = 2.0              # s between batched squeue rounds (0.2 at least)
     timeout: float = 20.0          # s to wait for a controller that does not answer
-    listen: str = "0.0.0.0"        # where the stream relay listens
+    listen: Optional[str] = None   # where the listeners bind (else found: Backend.where)
     host: Optional[str] = None     # the address the nodes connect to (else found)
     connect_timeout: Optional[str] = None   # the relay's, on the node (default 20 s)
+    # what holds the listeners against connections that bring no token (strangers)
+    handshake: float = field(default=5.0, metadata=_positive(float))   # s to send one
+    strangers_per_peer: int = field(default=64, metadata=_positive(int))
+    strangers_max: int = field(default=512, metadata=_positive(int))
+
+    def limits(self):
+        """The listeners' limits (arvwrap.backends.remote.listener)."""
+        return Limits(handshake=self.handshake, per_peer=self.strangers_per_peer,
+                      total=self.strangers_max)
 
 
 @dataclass

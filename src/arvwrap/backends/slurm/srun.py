@@ -264,6 +264,10 @@ class Live:
             if a.relay_error:
                 text = f"{label}: {a.relay_error}"
                 return Outcome("failed", reason=text, message=text)
+            if a.node_failed:
+                text = (f"{label}: its node {a.node_failed} was lost (Slurm: Node failure); "
+                        f"what the tool did there is unknown")
+                return Outcome("failed", reason=text, message=text)
             if why and why[0] == "lost":
                 text = f"{label}: Slurm no longer knows the job and srun did not end"
                 return Outcome("failed", reason=text, message=text)
